@@ -1,0 +1,177 @@
+"""Typed architecture configuration of a ViQ model.
+
+One object describes everything needed to build the modules (and nothing about how they are run):
+it is what a viq weights directory stores in ``config.json`` and what recipes embed under ``model``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from viq.errors import ConfigError
+
+#: FSQ presets: name -> levels (first code dim least significant in the index).
+FSQ_PRESETS: dict[str, list[int]] = {
+    "2k": [8, 8, 4, 3, 3],
+    "4k": [8, 8, 4, 4, 4],
+    "8k": [8, 8, 8, 4, 4],
+    "16k": [8, 8, 8, 6, 5],
+    "64k": [8, 8, 8, 5, 5, 5],
+}
+
+
+def fsq_levels(size_or_levels) -> list[int]:
+    """Resolve ``"16k"`` or ``[8, 8, 8, 6, 5]`` to a list of levels."""
+    if isinstance(size_or_levels, str):
+        if size_or_levels not in FSQ_PRESETS:
+            raise ConfigError(f"unknown FSQ size {size_or_levels!r}; choose one of {', '.join(FSQ_PRESETS)}")
+        return list(FSQ_PRESETS[size_or_levels])
+    levels = [int(v) for v in size_or_levels]
+    if not levels or any(v < 2 for v in levels):
+        raise ConfigError(f"FSQ levels must be integers >= 2, got {levels}")
+    return levels
+
+
+def fsq_size_name(levels: list[int]) -> Optional[str]:
+    for name, lv in FSQ_PRESETS.items():
+        if lv == list(levels):
+            return name
+    return None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ViTConfig(_Strict):
+    """Any-resolution SigLIP2 ViT (no class token, learned position grid resized per image)."""
+
+    width: int = 1536
+    depth: int = 40
+    heads: int = 16
+    mlp_hidden: int = 6144
+    patch: int = 16
+    pos_grid: int = 128
+    qkv_bias: bool = True
+    #: final LayerNorm + attention-pool (MAP) head; used for distillation, never for codes.
+    attn_pool: bool = True
+    attn_pool_heads: Optional[int] = None
+    attn_pool_mlp_hidden: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.width % self.heads:
+            raise ValueError(f"vit.width {self.width} is not divisible by vit.heads {self.heads}")
+        return self
+
+
+class RopeConfig(_Strict):
+    """Golden-gate 2D RoPE over the 4 slots of each patch."""
+
+    min_freq: float = 0.2
+    max_freq: float = 20.0
+    p_zero_freqs: float = 0.25
+    direction_spacing: float = math.pi * (math.sqrt(5) - 1) / 2
+
+
+class HeadConfig(_Strict):
+    """The ViQ head: pre blocks, expansion into slots, RoPE-2D FSQ blocks, FSQ, inverse path."""
+
+    levels: list[int] = Field(default_factory=lambda: list(FSQ_PRESETS["16k"]))
+    slots: int = 4
+    pre_blocks: int = 3
+    fsq_blocks: int = 3
+    #: width of the FSQ blocks' attention (the reference caps it at 256 = max head dim).
+    fsq_attn_dim: int = 256
+    rope: RopeConfig = Field(default_factory=RopeConfig)
+    residual_mlps: int = 3
+
+    @model_validator(mode="after")
+    def _check(self):
+        fsq_levels(self.levels)
+        if self.fsq_attn_dim % 2:
+            raise ValueError("head.fsq_attn_dim must be even (RoPE pairs channels)")
+        return self
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+
+class VAEConfig(_Strict):
+    """Keyword arguments of diffusers' ``AutoencoderKLQwenImage`` (defaults = Qwen-Image's VAE)."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attn_scales: list[float] = Field(default_factory=list)
+    temperal_downsample: list[bool] = Field(default_factory=lambda: [False, True, True])
+    dropout: float = 0.0
+    latents_mean: Optional[list[float]] = None
+    latents_std: Optional[list[float]] = None
+
+
+class DrawerConfig(_Strict):
+    """Codes -> adapter blocks -> latent head (GroupNorm, conv, pixel shuffle) -> VAE decoder."""
+
+    adapter_blocks: int = 3
+    latent_upsample: int = 2
+    group_norm_groups: int = 32
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+
+
+class ViQConfig(_Strict):
+    """A whole ViQ model. ``name`` is informational (preset or run name)."""
+
+    name: str = "viq"
+    vit: ViTConfig = Field(default_factory=ViTConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    drawer: DrawerConfig = Field(default_factory=DrawerConfig)
+
+    @property
+    def width(self) -> int:
+        return self.vit.width
+
+    def with_levels(self, levels) -> "ViQConfig":
+        cfg = self.model_copy(deep=True)
+        cfg.head.levels = fsq_levels(levels)
+        return cfg
+
+
+def giant_config(size: str = "16k") -> ViQConfig:
+    """The released SigLIP2 giant-opt g/16 ViQ (1536 wide, 40 deep)."""
+    return ViQConfig(name=f"viq-giant-{size}", head=HeadConfig(levels=fsq_levels(size)))
+
+
+def so400m_config(size: str = "16k") -> ViQConfig:
+    """SigLIP2 so400m/16 (1152 wide, 27 deep, MLP 4304)."""
+    return ViQConfig(
+        name=f"viq-so400m-{size}",
+        vit=ViTConfig(width=1152, depth=27, heads=16, mlp_hidden=4304),
+        head=HeadConfig(levels=fsq_levels(size)),
+    )
+
+
+def tiny_config(size: str = "16k", width: int = 64, depth: int = 2, heads: int = 4,
+                pos_grid: int = 16, vae_base_dim: int = 8) -> ViQConfig:
+    """A tiny model for tests and CPU demos (same structure, small dimensions)."""
+    return ViQConfig(
+        name=f"viq-tiny-{size}",
+        vit=ViTConfig(width=width, depth=depth, heads=heads, mlp_hidden=4 * width, pos_grid=pos_grid),
+        head=HeadConfig(levels=fsq_levels(size), fsq_attn_dim=min(64, width)),
+        drawer=DrawerConfig(group_norm_groups=min(32, width // 2),
+                            vae=VAEConfig(base_dim=vae_base_dim, num_res_blocks=1)),
+    )
+
+
+ARCH_PRESETS = {"giant": giant_config, "so400m": so400m_config, "tiny": tiny_config}
+
+
+def preset_config(arch: str, size: str = "16k") -> ViQConfig:
+    if arch not in ARCH_PRESETS:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_PRESETS)}")
+    return ARCH_PRESETS[arch](size)

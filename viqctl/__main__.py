@@ -1,0 +1,31 @@
+"""Entry point: assembles the Typer app from one module per command."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="viqctl",
+    help="ViQ discrete visual tokenizer: encode images to codes, embed, reconstruct, convert, verify, train.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (module in viqctl/, function name, command name). Each module holds one command.
+COMMANDS = [
+]
+
+for module_name, func_name, command_name in COMMANDS:
+    module = importlib.import_module(f"viqctl.{module_name}")
+    app.command(command_name)(getattr(module, func_name))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
