@@ -1,0 +1,78 @@
+"""The ViQ model as one nn.Module holding only the parts a task needs.
+
+Parts: ``encoder`` (ViT + head up to FSQ: all that producing codes needs), ``pool`` (the ViT's final
+norm + attention pool, for distillation), ``decoder`` (codes -> LLM features) and ``drawer``
+(features -> latent -> pixels). The embedder and the drawer of the reference are views over these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from viq.config import ViQConfig
+from viq.model.drawer import Drawer
+from viq.model.head import ViQHead
+from viq.nn.vit import AnyResViT, Packing
+
+ALL_PARTS = ("encoder", "pool", "decoder", "drawer")
+
+#: state-dict key prefixes owned by each part (in viq's own names).
+PART_PREFIXES = {
+    "encoder": ("vit.patch_embed.", "vit.pos_embed", "vit.blocks.", "head.pre_blocks.", "head.expand_slots.",
+                "head.slot_mlp.", "head.fsq_blocks.", "head.project_in."),
+    "pool": ("vit.norm.", "vit.attn_pool."),
+    "decoder": ("head.project_out.", "head.merge_slots.", "head.post_mlps.", "head.post_scale",
+                "head.post_shift", "head.codebook"),
+    "drawer": ("drawer.",),
+}
+
+
+def part_of(key: str) -> str:
+    for part, prefixes in PART_PREFIXES.items():
+        if key.startswith(prefixes):
+            return part
+    raise KeyError(key)
+
+
+class ViQModel(nn.Module):
+    def __init__(self, cfg: ViQConfig, parts=ALL_PARTS):
+        super().__init__()
+        parts = tuple(p for p in ALL_PARTS if p in set(parts))
+        self.cfg, self.parts = cfg, parts
+        if "encoder" in parts or "pool" in parts:
+            self.vit = AnyResViT(cfg.vit, with_pool="pool" in parts and cfg.vit.attn_pool)
+            if "encoder" not in parts:  # pool alone: keep only norm + attn_pool
+                del self.vit.patch_embed, self.vit.pos_embed, self.vit.blocks
+        if "encoder" in parts or "decoder" in parts:
+            self.head = ViQHead(cfg.vit.width, cfg.vit.heads, cfg.head,
+                                encode="encoder" in parts, decode="decoder" in parts)
+        if "drawer" in parts:
+            self.drawer = Drawer(cfg.vit.width, cfg.vit.heads, cfg.drawer)
+
+    def require(self, *parts: str) -> None:
+        from viq.errors import ConfigError
+
+        missing = [p for p in parts if p not in self.parts]
+        if missing:
+            raise ConfigError(f"this model was loaded without the part(s) {missing}; load it with parts={list(parts)}")
+
+    # ---- the data flow ------------------------------------------------------------------------
+    def encode(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packing]:
+        """Images (3, H, W) in [-1, 1] -> packed indices (4T,) int64 and the packing."""
+        self.require("encoder")
+        tokens, packing = self.vit(images)
+        return self.head.encode(tokens, packing), packing
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """Packed indices (4T,) -> features (T, C)."""
+        self.require("decoder")
+        return self.head.decode(indices)
+
+    def draw_latents(self, features: torch.Tensor, packing: Packing) -> list[torch.Tensor]:
+        self.require("drawer")
+        return self.drawer.latents(features, packing)
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        self.require("drawer")
+        return self.drawer.decode_latent(latent)
