@@ -327,7 +327,7 @@ def load_model(source, parts=ALL_PARTS, dtype=torch.float32, device="cpu", confi
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise WeightsError(f"{source}: tensors left unfilled: {', '.join(left[:20])}")
-    model.eval()
+    model.eval().requires_grad_(False)  # inference load; training re-enables what it trains
     return model, cfg, report
 
 

@@ -1,0 +1,37 @@
+"""Grouping images into packed batches by token budget (not image count).
+
+A 4K photo and a thumbnail then share batches sanely: each batch holds at most ``budget`` patch
+tokens, except an image that alone exceeds the budget, which gets a batch of its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def patch_grid(width: int, height: int, patch: int = 16) -> tuple[int, int]:
+    """(h, w) patch grid after padding right/bottom to the patch multiple."""
+    return math.ceil(height / patch), math.ceil(width / patch)
+
+
+def tokens_of(width: int, height: int, patch: int = 16) -> int:
+    h, w = patch_grid(width, height, patch)
+    return h * w
+
+
+def batches_by_budget(token_counts: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of indices whose token sum stays within ``budget``; order is kept."""
+    if budget <= 0:
+        raise ValueError("token budget must be positive")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(token_counts):
+        if current and used + n > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
