@@ -86,7 +86,7 @@ class ViQTokenizer:
 
     def encode(self, images: Iterable, policy="native") -> list[torch.Tensor]:
         """PIL images, file paths or pixel tensors -> codes (h, w, 4) per image (one packed batch)."""
-        from viq.images import load_rgb, parse_policy, to_pixels
+        from viq.images import load_rgb, parse_policy, to_pixels, to_rgb
 
         pol = parse_policy(policy) if isinstance(policy, str) else policy
         pixels = []
@@ -96,7 +96,7 @@ class ViQTokenizer:
                 continue
             if isinstance(im, (str, Path)):
                 im = load_rgb(im)
-            pixels.append(to_pixels(pol.apply(im.convert("RGB"))))
+            pixels.append(to_pixels(pol.apply(to_rgb(im))))
         return self.encode_pixels(pixels)
 
     # ---- codes -> features / pixels -------------------------------------------------------------

@@ -14,8 +14,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the viq version and exit.")):
+    """ViQ discrete visual tokenizer.
+
+    Typical use: `viqctl encode images/ --out codes/`, then `viqctl reconstruct codes/ --out recon/`.
+    """
+    if version:
+        import viq
+
+        typer.echo(viq.__version__)
+        raise typer.Exit(0)
+
+
 # (module in viqctl/, function name, command name). Each module holds one command.
 COMMANDS = [
+    ("encode", "encode", "encode"),
+    ("decode", "reconstruct", "reconstruct"),
+    ("decode", "embed", "embed"),
 ]
 
 for module_name, func_name, command_name in COMMANDS:

@@ -344,3 +344,16 @@ def prefixes_of(part: str):
 
 def size_name(cfg: ViQConfig) -> str:
     return fsq_size_name(cfg.head.levels) or "x".join(map(str, cfg.head.levels))
+
+
+def model_fingerprints(source, config: ViQConfig | None = None) -> dict[str, str]:
+    """Fingerprints of the encoder and decoder parts without loading them into memory.
+
+    viq directories record them in config.json; reference files are memory-mapped and sampled.
+    """
+    path = Path(source).expanduser()
+    if is_viq_dir(path):
+        parts = read_viq_config(path).get("parts", {})
+        return {p: parts[p]["fingerprint"] for p in ("encoder", "decoder") if p in parts and "fingerprint" in parts[p]}
+    _, _, report = load_state(path, parts=("encoder", "decoder"), config=config)
+    return report.fingerprints

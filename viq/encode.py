@@ -1,0 +1,158 @@
+"""Encoding many images into a code store: resumable, batched by token budget, one bad file never
+stops the run.
+
+Each rank (under ``accelerate launch`` / ``torchrun``) takes its share of the sources, decodes and
+preprocesses them on a few threads while the model encodes packed batches, and writes its own
+shards. A source whose row already exists with the same sha256 is skipped, so running the same
+command again after a kill finishes the job; a changed file is encoded again.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from viq.errors import ImageError
+from viq.images import Preprocessor, parse_policy
+from viq.packing import patch_grid
+from viq.sources import Source, sha256_file, shard_for_rank
+from viq.store import CodeStoreWriter, finalize_store
+from viq.tokenizer import ViQTokenizer
+
+
+@dataclass
+class EncodeOptions:
+    policy: str = "native"
+    token_budget: int = 16384
+    rows_per_shard: int = 256
+    max_input_pixels: int | None = 178_956_970
+    workers: int = 4
+    prefetch: int = 64
+
+
+@dataclass
+class EncodeSummary:
+    store: str
+    rank: int
+    world_size: int
+    total: int = 0
+    encoded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["images_per_s"] = round(self.images_per_s, 3)
+        return d
+
+
+def model_info(tok: ViQTokenizer, fingerprints: dict[str, str]) -> dict:
+    """The model identity a store records: decoding refuses codes from a different model."""
+    import hashlib
+
+    enc, dec = fingerprints.get("encoder"), fingerprints.get("decoder")
+    combined = hashlib.sha256(f"{enc}:{dec}".encode()).hexdigest()
+    return {"name": tok.config.name, "source": tok.source, "levels": tok.levels,
+            "codebook_size": tok.codebook_size, "fingerprint": combined,
+            "encoder_fingerprint": enc, "decoder_fingerprint": dec,
+            "config": tok.config.model_dump(mode="json")}
+
+
+def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter, summary: EncodeSummary,
+              options: EncodeOptions) -> Iterator:
+    """Yield (source, sha256, pixels, info) or (source, sha256, None, reason), in order, decoded ahead."""
+
+    def work(src: Source):
+        try:
+            digest = sha256_file(src.path)
+        except OSError as exc:
+            return src, None, None, f"cannot read ({exc.strerror or exc})"
+        if not writer.needs_encoding(src.id, digest):
+            return src, digest, None, None
+        try:
+            pixels, info = prep(src.path, name=str(src.path))
+            return src, digest, pixels, info
+        except ImageError as exc:
+            return src, digest, None, str(exc)
+        except Exception as exc:  # a decoder bug in a plugin must not stop the run either
+            return src, digest, None, f"{src.path}: unexpected error while decoding ({type(exc).__name__}: {exc})"
+
+    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+        pending = []
+        it = iter(sources)
+        for src in it:
+            pending.append(pool.submit(work, src))
+            if len(pending) >= options.prefetch:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+
+def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints: dict[str, str],
+                    options: EncodeOptions | None = None, rank: int = 0, world_size: int = 1,
+                    progress: Callable[[int], None] | None = None,
+                    barrier: Callable[[], None] | None = None) -> EncodeSummary:
+    """Encode this rank's share of ``sources`` into the store at ``out``; rank 0 finalizes it."""
+    options = options or EncodeOptions()
+    policy = parse_policy(options.policy)
+    prep = Preprocessor(policy, options.max_input_pixels)
+    mine = shard_for_rank(sources, rank, world_size)
+    summary = EncodeSummary(str(out), rank, world_size, total=len(mine))
+    start = time.perf_counter()
+    writer = CodeStoreWriter(out, model_info(tok, fingerprints), policy.describe(), rank, world_size,
+                             options.rows_per_shard)
+    batch: list = []
+    used = 0
+
+    def run_batch():
+        nonlocal batch, used
+        if not batch:
+            return
+        codes = tok.encode_pixels([b[2] for b in batch])
+        for (src, digest, pixels, info), c in zip(batch, codes):
+            w, h = info.size
+            writer.add(src.id, str(src.path), digest, w, h, c.numpy().astype(np.int64))
+            summary.tokens += c.shape[0] * c.shape[1]
+        summary.encoded += len(batch)
+        if progress:
+            progress(len(batch))
+        batch, used = [], 0
+
+    with writer:
+        for src, digest, pixels, info in _prepared(mine, prep, writer, summary, options):
+            if pixels is None:
+                if info is None and digest is not None:
+                    summary.skipped += 1
+                else:
+                    reason = info if isinstance(info, str) else "unknown error"
+                    writer.add_failure(src.id, str(src.path), reason)
+                    summary.failed += 1
+                    summary.failures.append({"id": src.id, "source": str(src.path), "reason": reason})
+                if progress:
+                    progress(1)
+                continue
+            h, w = patch_grid(pixels.shape[2], pixels.shape[1], tok.patch)
+            if batch and used + h * w > options.token_budget:
+                run_batch()
+            batch.append((src, digest, pixels, info))
+            used += h * w
+        run_batch()
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        finalize_store(out)
+    if barrier is not None:
+        barrier()
+    summary.seconds = time.perf_counter() - start
+    return summary

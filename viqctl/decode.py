@@ -1,0 +1,104 @@
+"""viqctl reconstruct / viqctl embed: a code store back to pixels or LLM features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
+                           models_dir_of, warn_if_random)
+from viqctl.console import cli_errors, err, out, print_json
+
+IdsOpt = typer.Option(None, "--ids", help="Comma-separated ids to decode (default: all).")
+
+
+def _open(store_dir: Path, model: Optional[str], models_dir, device, dtype, parts):
+    from viq.decode import store_model_source
+    from viq.errors import StoreError
+    from viq.store import CodeStore
+    from viq.tokenizer import load_tokenizer, resolve_source
+
+    store = CodeStore(store_dir)
+    source = model or store_model_source(store)
+    if source is None:
+        raise StoreError(f"{store_dir}: the manifest names no model; pass --model")
+    path = resolve_source(source, models_dir_of(models_dir))
+    warn_if_random(path)
+    tok = load_tokenizer(path, parts=parts, device=device_of(device), dtype=dtype)
+    return store, tok
+
+
+def _bar(label: str, total: int, quiet: bool):
+    cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    bar = Progress(*cols, console=err, disable=quiet)
+    return bar, bar.add_task(label, total=total)
+
+
+def reconstruct(
+    store_dir: Path = typer.Argument(..., help="A code store made by `viqctl encode`."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs (named after the ids)."),
+    ids: Optional[str] = IdsOpt,
+    keep_padding: bool = typer.Option(False, "--keep-padding",
+                                      help="Keep the patch padding (the reference's 16h x 16w output)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite PNGs that already exist."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    models_dir: Optional[Path] = ModelsDirOpt,
+    json_out: bool = JsonOpt,
+    debug: bool = DebugOpt,
+):
+    """Draw codes back into images through the Qwen-Image VAE decoder.
+
+    Example: viqctl reconstruct codes/ --out recon/
+
+    The model defaults to the one recorded in the store; a model with other FSQ levels or another
+    decoder fingerprint is refused. Existing PNGs are skipped, so an interrupted run resumes.
+    """
+    from viq.decode import reconstruct_store, select_ids
+
+    with cli_errors(debug):
+        store, tok = _open(store_dir, model, models_dir, device, dtype, ("decoder", "drawer"))
+        chosen = [i for i in ids.split(",") if i] if ids else None
+        bar, task = _bar("reconstruct", len(select_ids(store, chosen)), json_out)
+        with bar:
+            summary = reconstruct_store(store, tok, out_dir, chosen, crop=not keep_padding, overwrite=overwrite,
+                                        progress=lambda n: bar.advance(task, n))
+        if json_out:
+            print_json(summary.__dict__)
+        else:
+            out.print(f"wrote {len(summary.written)} PNG(s) to {out_dir}"
+                      + (f", {summary.skipped} already there" if summary.skipped else ""), highlight=False)
+
+
+def embed(
+    store_dir: Path = typer.Argument(..., help="A code store made by `viqctl encode`."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output .safetensors (one (h*w, C) entry per id)."),
+    ids: Optional[str] = IdsOpt,
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    models_dir: Optional[Path] = ModelsDirOpt,
+    json_out: bool = JsonOpt,
+    debug: bool = DebugOpt,
+):
+    """Turn codes into LLM-ready features (the input of the MLLM projector).
+
+    Example: viqctl embed codes/ --out feats.safetensors
+    """
+    from viq.decode import embed_store, select_ids
+
+    with cli_errors(debug):
+        store, tok = _open(store_dir, model, models_dir, device, dtype, ("decoder",))
+        chosen = [i for i in ids.split(",") if i] if ids else None
+        bar, task = _bar("embed", len(select_ids(store, chosen)), json_out)
+        with bar:
+            result = embed_store(store, tok, out_file, chosen, progress=lambda n: bar.advance(task, n))
+        if json_out:
+            print_json(result)
+        else:
+            out.print(f"wrote features of {result['images']} image(s) ({result['dim']}-d) to {out_file}",
+                      highlight=False)
