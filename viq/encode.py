@@ -156,3 +156,19 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
         barrier()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def merge_summaries(parts: list[dict]) -> EncodeSummary:
+    """One summary for the whole run from every rank's ``as_dict()``."""
+    first = parts[0]
+    merged = EncodeSummary(first["store"], 0, len(parts))
+    for p in parts:
+        merged.total += p["total"]
+        merged.encoded += p["encoded"]
+        merged.skipped += p["skipped"]
+        merged.failed += p["failed"]
+        merged.failures.extend(p["failures"])
+        merged.tokens += p["tokens"]
+        merged.seconds = max(merged.seconds, p["seconds"])
+    merged.failures.sort(key=lambda f: f["id"])
+    return merged

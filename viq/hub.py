@@ -66,16 +66,14 @@ _QWEN = {"0.5b": ("0.5B", 988_000_000), "1.5b": ("1.5B", 3_090_000_000),
 
 
 def _known_models() -> dict[str, ModelEntry]:
+    stage1 = "turn into the stage-1 starting point (position grid 24 -> 128) before stage-1 training"
     entries = [
         ModelEntry("siglip2-so400m", "timm/ViT-SO400M-16-SigLIP2-384", "siglip2_so400m_384_16", _OPEN_CLIP,
                    _PIN, "SigLIP2 So400m/16 @384, open_clip weights (teacher / So400m student start)", "vit",
-                   4_540_000_000, required=_OPEN_CLIP_REQUIRED),
+                   4_540_000_000, required=_OPEN_CLIP_REQUIRED, next_step=stage1),
         ModelEntry("siglip2-g", "timm/ViT-gopt-16-SigLIP2-384", "siglip2_g_384_16", _OPEN_CLIP,
                    _PIN, "SigLIP2 giant-opt/16 @384, open_clip weights (teacher; stage-1 start)", "vit",
-                   None, required=_OPEN_CLIP_REQUIRED),
-        ModelEntry("qwen-image-vae", "Qwen/Qwen-Image", "Qwen-Image", ("vae/*",), _PIN,
-                   "Qwen-Image VAE only (the drawer's decoder); not the 20B pipeline", "vae", 254_000_000,
-                   target=("vae",), required=("config.json", "*.safetensors")),
+                   None, required=_OPEN_CLIP_REQUIRED, next_step=stage1),
         ModelEntry("viq-anyres-vit-g", VIQ_REPO, "ViQ_weights",
                    ("anyres_vit/giant1b/siglip2_g_anyres_s4.pth", "*/anyres_vit/giant1b/siglip2_g_anyres_s4.pth"),
                    _PIN, "stage-1 any-res SigLIP2-g ViT: the released training recipe's starting point", "vit",
@@ -87,6 +85,9 @@ def _known_models() -> dict[str, ModelEntry]:
             entries.append(ModelEntry(f"qwen2.5-{key}{suffix}", f"Qwen/Qwen2.5-{label}{tag}", f"Qwen2.5-{label}{tag}",
                                       _LLM_FILES, _PIN, f"Qwen2.5 {label} {what} LLM", "llm", size,
                                       required=("config.json", "*.safetensors")))
+    entries.append(ModelEntry("qwen-image-vae", "Qwen/Qwen-Image", "Qwen-Image", ("vae/*",), _PIN,
+                              "Qwen-Image VAE only (the drawer's decoder), not the 20B pipeline", "vae",
+                              254_000_000, target=("vae",), required=("config.json", "*.safetensors")))
     for size in VIQ_SIZES:
         # The repo may keep the sizes at its root or under one folder (the README's ".../ViQ_weights/ViQ").
         entries.append(ModelEntry(
@@ -230,6 +231,11 @@ def missing_files(plan: Plan) -> list[str]:
     return [f"{rel}/{m}" if rel != "." else m for m in _missing_in(plan.entry, target)]
 
 
+def _show(missing: list[str]) -> str:
+    shown = ", ".join(m.replace("|", " or ") for m in missing[:10])
+    return shown + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -324,9 +330,8 @@ def _how_to_get(plan: Plan) -> str:
 
 
 def _offline_error(plan: Plan, reason: str) -> HubError:
-    missing = missing_files(plan)
-    shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
-    return HubError(f"{plan.name}: {reason}; missing in {plan.folder}: {shown}. {_how_to_get(plan)}")
+    return HubError(f"{plan.name}: {reason}; missing in {plan.folder}: {_show(missing_files(plan))}. "
+                    + _how_to_get(plan))
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -384,7 +389,7 @@ def download(plan: Plan, offline: bool | None = None) -> DownloadResult:
             raise err from exc
         missing = missing_files(plan)
         if missing:
-            raise HubError(f"{plan.name}: {plan.repo_id}@{plan.revision} has no {', '.join(missing)} "
+            raise HubError(f"{plan.name}: {plan.repo_id}@{plan.revision} has no {_show(missing)} "
                            f"(patterns: {', '.join(plan.allow_patterns or ('*',))}); check --include/--revision")
         status = "downloaded"
     return _record(plan, status)
@@ -450,16 +455,16 @@ def import_weights(path: str | os.PathLike, name: str, models_dir: str | os.Path
         src, rel = found
     else:
         rel = src.name if src.is_file() else ""
-        entry = ModelEntry(name, "", name.split("/")[-1], None, "local", f"imported {name}", "custom",
+        entry = ModelEntry(name, "", name.split("/")[-1], None, "", f"imported {name}", "custom",
                            target=(rel,))
     _check_folder_free(entry, root)
     dest = root / entry.folder / rel if rel else root / entry.folder
     if dest.exists() or dest.is_symlink():
-        if not (dest.is_symlink() and dest.resolve() == src):
+        if dest.resolve() != src:  # the same thing (already in place, or our own link) is just registered
             raise HubError(f"{name}: {dest} already exists; remove it first or use another --dir")
     else:
         _place(src, dest, link)
-    plan = Plan(name, entry, root, entry.revision, _import_patterns(entry, rel), False)
+    plan = Plan(name, entry, root, "local", _import_patterns(entry, rel), False)
     return _record(plan, "imported", source=str(src), linked=link)
 
 
@@ -473,9 +478,7 @@ def _import_patterns(entry: ModelEntry, rel: str) -> tuple[str, ...] | None:
 def _import_source(entry: ModelEntry, src: Path) -> tuple[Path, str] | None:
     """(the thing to place, its path relative to the entry's folder) or None if ``src`` lacks it."""
     if src.is_dir() and not _missing_in(entry, src) and (entry.required or entry.target == ("",)):
-        base = entry.target[0]
-        rel = base if "*" not in base else base.split("/", 1)[1]  # "*/converted_16k" -> "converted_16k"
-        return src, rel
+        return src, entry.target[0]
     if src.is_file() and any(fnmatch.fnmatch(src.name, Path(t).name) for t in entry.target if t) \
             and not entry.required:
         return src, entry.target[0]
@@ -528,7 +531,7 @@ def list_models(models_dir: str | os.PathLike | None = None) -> list[ModelStatus
         entry = KNOWN_MODELS.get(name)
         rec = registry.get(name, {})
         try:
-            path = resolve_model(name, root)
+            path = _lookup(name, root)
         except HubError:
             path = None
         rows.append(ModelStatus(
@@ -551,8 +554,11 @@ def resolve_model(name_or_path: str | os.PathLike, models_dir: str | os.PathLike
     given = Path(name_or_path).expanduser()
     if given.exists():
         return given
-    name = str(name_or_path)
-    root = default_models_dir(models_dir)
+    return _lookup(str(name_or_path), default_models_dir(models_dir), explicit_dir=models_dir is not None)
+
+
+def _lookup(name: str, root: Path, explicit_dir: bool = True) -> Path:
+    """A name's path in ``root``: the registry first, then the known layout; HubError if absent."""
     rec = load_registry(root).get(name)
     if rec is not None:
         path = root / rec["path"]
@@ -567,5 +573,5 @@ def resolve_model(name_or_path: str | os.PathLike, models_dir: str | os.PathLike
     target = _find_target(entry, root / entry.folder)
     if target is None or _missing_in(entry, target):
         raise HubError(f"{name} is not downloaded in {root}; run `viqctl download {name}`"
-                       + ("" if models_dir is None else f" --dir {root}"))
+                       + (f" --dir {root}" if explicit_dir else ""))
     return target

@@ -34,6 +34,7 @@ COMMANDS = [
     ("encode", "encode", "encode"),
     ("decode", "reconstruct", "reconstruct"),
     ("decode", "embed", "embed"),
+    ("download", "download", "download"),
 ]
 
 for module_name, func_name, command_name in COMMANDS:

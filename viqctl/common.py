@@ -45,7 +45,9 @@ def distributed():
         return 0, 1, None, None
     from accelerate import PartialState
 
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
 
 

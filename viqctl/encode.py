@@ -69,8 +69,16 @@ def encode(
                 bar.update(task, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}")
 
             summary = encode_to_store(sources, tok, out_dir, fps, opts, rank, world, advance, barrier)
-        if rank != 0:
-            raise typer.Exit(1 if summary.failed else 0)
+        if world > 1:  # every rank's counts, reported once by rank 0
+            import torch.distributed as dist
+
+            from viq.encode import merge_summaries
+
+            parts = [None] * world
+            dist.all_gather_object(parts, summary.as_dict())
+            summary = merge_summaries(parts)
+            if rank != 0:
+                raise typer.Exit(1 if summary.failed else 0)
         if json_out:
             print_json(summary.as_dict())
         else:

@@ -266,7 +266,7 @@ def viq_state(folder: Path, parts):
     meta = read_viq_config(folder)
     cfg = parse_config(meta, str(folder / "config.json"))
     files = meta.get("parts", {})
-    full = expected_shapes(cfg)
+    full = expected_shapes(cfg, parts)
     state, sources = {}, {}
     for p in parts:
         entry = files.get(p)

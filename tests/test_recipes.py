@@ -1,0 +1,188 @@
+"""Recipe schema: every shipped YAML and stage validates; errors name keys; overrides and stages merge."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from viq.config import FSQ_PRESETS, ViQConfig
+from viq.errors import RecipeError
+from viq.train.recipe import Recipe, list_stages, load_recipe, parse_override
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+ALL = [(p.name, s) for p in sorted(RECIPES.glob("*.yaml")) for s in [None, *list_stages(p)]]
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES.glob("*.yaml")}
+    assert {"fsq2k.yaml", "fsq4k.yaml", "fsq8k.yaml", "fsq16k.yaml", "fsq64k.yaml", "viq-stages.yaml",
+            "decoder.yaml", "mllm-offline.yaml", "tiny.yaml"} <= names
+    assert set(list_stages(RECIPES / "viq-stages.yaml")) == {"1", "2-1", "2-2"}
+    assert set(list_stages(RECIPES / "tiny.yaml")) == {"1", "2-1", "2-2"}
+
+
+@pytest.mark.parametrize("name,stage", ALL, ids=[f"{n}:{s or 'base'}" for n, s in ALL])
+def test_every_recipe_and_stage_validates(name, stage, tmp_path):
+    recipe = load_recipe(RECIPES / name, stage)
+    assert recipe.run.stage == stage
+    cfg = recipe.viq_config()
+    assert isinstance(cfg, ViQConfig)
+    # --print-config output loads back to the same recipe
+    (tmp_path / "resolved.yaml").write_text(recipe.to_yaml())
+    assert load_recipe(tmp_path / "resolved.yaml") == recipe
+
+
+@pytest.mark.parametrize("size", ["2k", "4k", "8k", "16k", "64k"])
+def test_released_recipes_per_size(size):
+    r = load_recipe(RECIPES / f"fsq{size}.yaml")
+    assert r.viq_config().head.levels == FSQ_PRESETS[size]
+    assert r.head.quantizer.codebook == math.prod(FSQ_PRESETS[size])
+    assert r.viq_config().vit.width == 1536 and r.viq_config().vit.depth == 40
+    # the values of the reference's example.sh
+    assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_accum) == (1e-4, 1e-4, 2)
+    assert (r.optim.schedule.warmup_ratio, r.optim.schedule.min_lr_ratio) == (0.05, 0.1)
+    assert r.runtime.precision == "bf16"
+    assert (r.llm.lora.r, r.llm.lora.alpha, r.llm.lora.dora) == (64, 16, True)
+    assert r.losses.cls_distill.weight == 10 and r.losses.rec_latent_mse == 1.0
+    assert r.model.init_ckpt.endswith("siglip2_g_anyres_s4.pth") and "${" not in r.model.init_ckpt
+
+
+def test_stages_follow_the_paper():
+    s1, s21, s22 = (load_recipe(RECIPES / "viq-stages.yaml", s) for s in ("1", "2-1", "2-2"))
+    assert s1.head is None and not s1.decoder.enabled and s1.model.init_format == "siglip2_openclip"
+    q = s21.head.quantizer
+    assert (q.type, q.limit, q.levels) == ("passthrough", "l_infinite", None)
+    assert s22.head.quantizer.type == "fsq" and s22.model.reinit_mismatched
+    assert s22.init_path == Path("runs/viq-stages/2-1") and s22.out_dir == Path("runs/viq-stages/2-2")
+
+
+def test_tiny_recipe_is_tiny():
+    r = load_recipe(RECIPES / "tiny.yaml")
+    cfg = r.viq_config()
+    assert cfg.vit.width == 64 and r.llm.tiny is not None and r.runtime.precision == "fp32"
+    kw = r.llm.tiny.qwen2_kwargs(vocab_size=50, max_length=r.llm.max_length)
+    assert kw["vocab_size"] == 50 and kw["hidden_size"] == 64
+    assert load_recipe(RECIPES / "tiny.yaml", overrides=["model.vit.width=96"]).viq_config().vit.width == 96
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+MINIMAL = """
+paths: {root: /data}
+data: {path: "${root}/train.jsonl"}
+llm: {name_or_path: "${root}/qwen"}
+optim: {max_steps: 10}
+"""
+
+
+@pytest.mark.parametrize("text,key,nearest", [
+    ("optim: {lrr: 1.0e-4, max_steps: 1}", "optim.lrr", "optim.lr"),
+    ("optimm: {lr: 1}", "optimm", "optim"),
+    ("head: {quantizer: {levles: [8, 8]}}", "head.quantizer.levles", "head.quantizer.levels"),
+    ("model: {vit: {widht: 32}}", "model.vit.widht", "model.vit.width"),
+    ("stagse: {}", "stagse", "stages"),
+])
+def test_typo_names_key_and_nearest(tmp_path, text, key, nearest):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, MINIMAL + text))
+    msg = str(e.value)
+    assert f"{key}: unknown key" in msg and repr(nearest) in msg
+
+
+def test_typo_in_override_and_several_problems_listed(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, MINIMAL), overrides=["runtime.precison=bf16", "optim.lr=-1"])
+    msg = str(e.value)
+    assert "runtime.precison" in msg and "'runtime.precision'" in msg and "optim.lr:" in msg
+
+
+def test_dotted_overrides(tmp_path):
+    r = load_recipe(_write(tmp_path, MINIMAL), overrides=[
+        "optim.lr=3e-4", "head.quantizer.levels=[8,8,8,5,5]", "runtime.precision=fp16",
+        "optim.betas=[0.5, 0.9]", "paths.root=/other", "run.name=x"])
+    assert r.optim.lr == pytest.approx(3e-4) and isinstance(r.optim.lr, float)
+    assert r.head.quantizer.levels == [8, 8, 8, 5, 5] and r.viq_config().head.levels == [8, 8, 8, 5, 5]
+    assert r.runtime.precision == "fp16" and r.optim.betas == (0.5, 0.9)
+    assert r.data.path == "/other/train.jsonl"  # variables resolve after overrides
+    assert load_recipe(_write(tmp_path, MINIMAL), overrides=["head.quantizer.levels=2k"]).head.quantizer.levels \
+        == FSQ_PRESETS["2k"]
+    assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
+    with pytest.raises(RecipeError, match="key.path=value"):
+        load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.lr"])
+    with pytest.raises(RecipeError, match="optim.lr is a value"):
+        load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.lr.x=1"])
+
+
+def test_floats_without_dot_in_yaml(tmp_path):
+    r = load_recipe(_write(tmp_path, MINIMAL + "runtime: {save_every: 5}\n"), overrides=["optim.eps=1e-6"])
+    assert r.optim.eps == 1e-6
+
+
+def test_unknown_stage_lists_stages():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(RECIPES / "tiny.yaml", stage="2_1")
+    assert "'2-1'" in str(e.value) and "1, 2-1, 2-2" in str(e.value)
+
+
+def test_variables(tmp_path):
+    text = MINIMAL.replace("paths: {root: /data}", "paths: {root: /data, models: '${root}/m'}") + \
+        "model: {init_ckpt: '${models}/vit.pth'}\n"
+    assert load_recipe(_write(tmp_path, text)).model.init_ckpt == "/data/m/vit.pth"
+    with pytest.raises(RecipeError, match=r"model.init_ckpt: unknown variable \$\{modles\}; did you mean \$\{models\}"):
+        load_recipe(_write(tmp_path, text.replace("${models}/vit", "${modles}/vit")))
+    with pytest.raises(RecipeError, match="loop"):
+        load_recipe(_write(tmp_path, MINIMAL.replace("{root: /data}", "{root: '${a}', a: '${root}'}")))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("head.quantizer.levels=null", "type fsq needs levels"),
+    ("head.quantizer.type=passthrough", "set levels: null for passthrough"),
+    ("head.quantizer={type: passthrough, levels: null, bottleneck_dim: 32}", "passthrough needs a limit"),
+    ("head.quantizer={type: simvq, levels: null, bottleneck_dim: 32}", "simvq needs codebook_size"),
+    ("head.quantizer.limit=l2", "limit does not apply to fsq"),
+    ("teacher.enabled=false", "losses.cls_distill needs teacher.enabled"),
+    ("losses.rec_latent_mse=1.0", "rec_latent_mse > 0 needs decoder.enabled"),
+    ("head=null", "cls_distill.source: vit"),
+    ("llm=null", "lm_ce > 0 needs an llm"),
+    ("optim.epochs=1", "exactly one of optim.max_steps or optim.epochs"),
+    ("data.default_resize.patch=16", "multiple of 32"),
+    ("llm.trainable=true", "exclude each other"),
+    ("data.path=x.csv", ".jsonl"),
+    ("decoder.mse.enabled=true", "need target: pixel"),
+    ("runtime.eval_every=10", "data.val_path"),
+])
+def test_cross_field_rules(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_recipe(_write(tmp_path, MINIMAL), overrides=[override])
+
+
+def test_handover_needs_reinit(tmp_path):
+    with pytest.raises(RecipeError, match="reinit_mismatched"):
+        load_recipe(RECIPES / "tiny.yaml", "2-2", ["model.reinit_mismatched=false"])
+    text = MINIMAL + "stages:\n  a: {model: {init_stage: b}}\n"
+    with pytest.raises(RecipeError, match="not a stage"):
+        load_recipe(_write(tmp_path, text), "a")
+
+
+def test_extends_merges_parent(tmp_path):
+    _write(tmp_path, MINIMAL + "run: {name: parent, seed: 3}\n", "parent.yaml")
+    r = load_recipe(_write(tmp_path, "extends: parent.yaml\nrun: {name: child}\n"))
+    assert (r.run.name, r.run.seed, r.data.path) == ("child", 3, "/data/train.jsonl")
+
+
+def test_schedule():
+    s = load_recipe(RECIPES / "fsq16k.yaml").optim.schedule
+    assert s.warmup_for(100) == 5
+    assert s.lr_factor(0, 100) == 0 and s.lr_factor(5, 100) == pytest.approx(1.0)
+    assert s.lr_factor(100, 100) == pytest.approx(0.1) and s.lr_factor(52, 100) < 1
+
+
+def test_to_yaml_is_plain_yaml():
+    data = yaml.safe_load(load_recipe(RECIPES / "fsq16k.yaml").to_yaml())
+    assert data["optim"]["lr"] == 1e-4 and "stages" not in data
+    assert isinstance(Recipe.model_validate(data), Recipe)

@@ -1,0 +1,812 @@
+"""Typed training recipes: a YAML base config, named stages that override it, dotted overrides.
+
+The schema replaces the reference's ~80 environment switches (reference-training.md §1.3). Every
+knob is a field; a typo is an error that names the dotted key and the nearest valid name; options
+that the model cannot honour are rejected instead of being silently ignored.
+
+Resolution order: file (``extends`` parent first) -> ``stages[stage]`` -> ``key.path=value``
+overrides -> ``${name}`` substitution from ``paths:`` -> validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+import types
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator, model_validator)
+
+from viq.config import FSQ_PRESETS, ViQConfig, preset_config, tiny_config
+from viq.errors import ConfigError, RecipeError
+
+Arch = Literal["giant", "so400m", "tiny"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- sections ---------------------------------------------------------------------------------
+
+
+class RunSection(_Section):
+    """What the run is and where it writes."""
+
+    name: str = "viq"
+    #: tokenizer: ViT + head inside the MLLM (stages 1, 2-1, 2-2, single stage);
+    #: decoder: the pixel-decoder stage on frozen codes; mllm_offline: an MLLM trained on a code store.
+    task: Literal["tokenizer", "decoder", "mllm_offline"] = "tokenizer"
+    #: set by load_recipe to the stage this config was resolved for (None = the base config).
+    stage: Optional[str] = None
+    output_dir: str = "runs/viq"
+    seed: int = 0
+
+
+class ModelSection(_Section):
+    """The student: an architecture preset plus overrides, where its weights start, what trains."""
+
+    arch: Arch = "giant"
+    #: overrides of viq.config.ViTConfig fields over the preset (e.g. {width: 96, depth: 3}).
+    vit: dict[str, Any] = Field(default_factory=dict)
+    #: overrides of viq.config.DrawerConfig (vae, group_norm_groups); the adapter lives in `decoder`.
+    drawer: dict[str, Any] = Field(default_factory=dict)
+    init_ckpt: Optional[str] = None
+    #: auto | siglip2_openclip (visual.trunk.*, pos grid 24 -> 128) | reference (vision_tower.pth) | viq
+    init_format: Literal["auto", "siglip2_openclip", "reference", "viq"] = "auto"
+    #: start from another stage of this recipe: its directory run.output_dir/<init_stage>.
+    init_stage: Optional[str] = None
+    #: tensors whose shape differs from the checkpoint (e.g. quantizer projections 2-1 -> 2-2) are
+    #: re-initialised and reported instead of failing the load.
+    reinit_mismatched: bool = False
+    trainable: bool = True
+    #: freeze every ViT MLP and LayerNorm (attention-only tuning; the reference's "genli stage1").
+    freeze_mlp_and_norm: bool = False
+    #: the student's final norm + MAP attention-pool head (only used by the distillation loss).
+    train_attn_pool: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.init_ckpt and self.init_stage:
+            raise ValueError("set model.init_ckpt or model.init_stage, not both")
+        moved = {"adapter_blocks", "latent_upsample"} & set(self.drawer)
+        if moved:
+            raise ValueError(f"set {', '.join(sorted('decoder.' + k for k in moved))} instead of model.drawer")
+        return self
+
+
+class QuantizerSection(_Section):
+    """The head's quantizer: fsq (codes), simvq, or passthrough (the stage 2-1 proximal bottleneck)."""
+
+    type: Literal["fsq", "simvq", "passthrough"] = "fsq"
+    #: fsq only: a list of levels or a size name (2k, 4k, 8k, 16k, 64k); null for the other types.
+    levels: Optional[list[int]] = Field(default_factory=lambda: list(FSQ_PRESETS["16k"]))
+    #: simvq only.
+    codebook_size: Optional[PositiveInt] = None
+    #: simvq / passthrough width between project_in and project_out (fsq: len(levels)).
+    bottleneck_dim: Optional[PositiveInt] = None
+    #: simvq / passthrough constraint; passthrough must state it (l_infinite = hypercube surface).
+    limit: Optional[Literal["none", "l2", "l_infinite", "tanh"]] = None
+    #: RoPE-2D blocks over the 4 slots before project_in (the reference's ADD_PRE_ATTN).
+    pre_attn_blocks: NonNegativeInt = 3
+    rope2d: bool = True
+    #: width of those blocks' attention (None = the preset's, 256 for giant).
+    attn_dim: Optional[PositiveInt] = None
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _size_name(cls, v):
+        if isinstance(v, str):
+            if v not in FSQ_PRESETS:
+                raise ValueError(f"unknown FSQ size {v!r}; choose one of {', '.join(FSQ_PRESETS)} or give a list")
+            return list(FSQ_PRESETS[v])
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        t = self.type
+        if t == "fsq":
+            if not self.levels:
+                raise ValueError("type fsq needs levels: a list such as [8, 8, 8, 6, 5] or a size name "
+                                 f"({', '.join(FSQ_PRESETS)})")
+            if any(v < 2 for v in self.levels):
+                raise ValueError(f"FSQ levels must be >= 2, got {self.levels}")
+            for name in ("limit", "bottleneck_dim", "codebook_size"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to fsq (its bound and width come from the levels); "
+                                     "set it to null")
+            return self
+        if self.levels is not None:
+            raise ValueError(f"levels apply to fsq only; set levels: null for {t}")
+        if self.bottleneck_dim is None:
+            raise ValueError(f"type {t} needs bottleneck_dim (the reference used 32, 128, 256 or 512)")
+        if t == "passthrough":
+            if self.limit is None:
+                raise ValueError("type passthrough needs a limit: none, l2, l_infinite or tanh")
+            if self.codebook_size is not None:
+                raise ValueError("codebook_size does not apply to passthrough; set it to null")
+        if t == "simvq" and self.codebook_size is None:
+            raise ValueError("type simvq needs codebook_size (the reference used 32768)")
+        return self
+
+    @property
+    def codebook(self) -> Optional[int]:
+        """Number of distinct codes (None for passthrough)."""
+        if self.type == "fsq":
+            return math.prod(self.levels)
+        return self.codebook_size
+
+
+class HeadSection(_Section):
+    """The ViQ head around the quantizer (null in stage 1, which trains the ViT alone)."""
+
+    quantizer: QuantizerSection = Field(default_factory=QuantizerSection)
+    #: attention blocks before the slot expansion (the reference's preprocess `attn`).
+    pre_blocks: NonNegativeInt = 3
+    #: expand each patch into 4 slots before quantizing (1 slot when false).
+    token_shuffle: bool = True
+    #: affine-free LayerNorm on the input, learnable scale/shift on the output.
+    layernorm_trick: bool = True
+    #: residual MLPs after the quantizer (resualmlp-light = 3).
+    residual_mlps: NonNegativeInt = 3
+    freeze: bool = False
+    freeze_pre_blocks: bool = False
+
+
+class TeacherSection(_Section):
+    """The frozen fixed-resolution teacher whose pooled feature the student is distilled towards."""
+
+    enabled: bool = True
+    #: siglip2: an open_clip SigLIP2 checkpoint; viq: a ViQ encoder (stage-1 output) as teacher.
+    kind: Literal["siglip2", "viq"] = "siglip2"
+    #: None = a frozen copy of the student's initial weights (tiny runs, no downloads).
+    ckpt: Optional[str] = None
+    #: None = the student's architecture.
+    arch: Optional[Arch] = None
+    #: every image is resized (aspect not kept) to this square side for the teacher.
+    input_resolution: PositiveInt = 384
+    feature: Literal["map_pool"] = "map_pool"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and self.kind == "viq" and not self.ckpt:
+            raise ValueError("teacher kind viq needs ckpt (a viq weights directory or stage-1 checkpoint)")
+        return self
+
+
+class LossTerm(_Section):
+    enabled: bool = False
+    weight: NonNegativeFloat = 1.0
+
+
+class GanLoss(LossTerm):
+    weight: NonNegativeFloat = 0.1
+    #: the discriminator joins after this many optimizer steps.
+    start_step: NonNegativeInt = 0
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    #: scale the generator term by ||grad rec|| / ||grad gan|| at the last decoder layer (VQGAN).
+    adaptive: bool = True
+
+
+class RepaLoss(LossTerm):
+    weight: NonNegativeFloat = 0.5
+    #: frozen representation encoder the decoder's features are aligned to (e.g. DINOv2).
+    encoder: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.enabled and not self.encoder:
+            raise ValueError("repa needs encoder (the frozen feature encoder to align to, e.g. a DINOv2 path)")
+        return self
+
+
+class DecoderSection(_Section):
+    """The drawer path: adapter -> latent head -> Qwen-Image VAE, and the decoder stage's losses."""
+
+    enabled: bool = False
+    #: latent: regress the frozen VAE's posterior mean (tokenizer training, losses.rec_latent_mse);
+    #: pixel: decode through the VAE and train on pixels (the decoder stage; mse/lpips/kl/gan/repa).
+    target: Literal["latent", "pixel"] = "latent"
+    #: None = a randomly initialised frozen VAE built from model.drawer.vae (tests and demos only).
+    vae_path: Optional[str] = None
+    adapter_blocks: NonNegativeInt = 3
+    #: None = the ViT's heads (the reference's choice; the only one ViQConfig can express).
+    adapter_heads: Optional[PositiveInt] = None
+    latent_upsample: PositiveInt = 2
+    train_vae_decoder: bool = False
+    mse: LossTerm = Field(default_factory=LossTerm)
+    lpips: LossTerm = Field(default_factory=LossTerm)
+    kl: LossTerm = Field(default_factory=lambda: LossTerm(weight=1e-6))
+    gan: GanLoss = Field(default_factory=GanLoss)
+    repa: RepaLoss = Field(default_factory=RepaLoss)
+
+    @model_validator(mode="after")
+    def _check(self):
+        pixel_terms = [n for n in ("mse", "lpips", "kl", "gan", "repa") if getattr(self, n).enabled]
+        if self.target == "latent" and pixel_terms:
+            raise ValueError(f"{', '.join(pixel_terms)} need target: pixel (the latent target uses "
+                             "losses.rec_latent_mse)")
+        if self.enabled and self.target == "pixel" and not {"mse", "lpips", "gan"} & set(pixel_terms):
+            raise ValueError("target pixel needs at least one of mse, lpips or gan enabled")
+        if self.train_vae_decoder and self.target != "pixel":
+            raise ValueError("train_vae_decoder needs target: pixel (nothing back-propagates through "
+                             "the VAE otherwise)")
+        return self
+
+
+class ClsDistill(_Section):
+    enabled: bool = True
+    weight: NonNegativeFloat = 10.0
+    #: head: pool the head's output (x_low); vit: pool the raw ViT output (required without a head).
+    source: Literal["head", "vit"] = "head"
+    #: leave images larger than max_res^2 pixels out of this loss (None = all images).
+    max_res: Optional[PositiveInt] = None
+
+
+class LossesSection(_Section):
+    """Weights of the tokenizer-training losses; 0 turns a term off."""
+
+    lm_ce: NonNegativeFloat = 1.0
+    cls_distill: ClsDistill = Field(default_factory=ClsDistill)
+    #: MSE(predicted latent, sg[VAE posterior mean]); needs decoder.enabled with target latent.
+    rec_latent_mse: NonNegativeFloat = 0.0
+    #: sum of the quantizer's auxiliary losses (0 for fsq and the plain passthrough limits).
+    commit: NonNegativeFloat = 1.0
+    #: MSE(sg LN(ViT feature), head output before the affine).
+    feat_rec: NonNegativeFloat = 0.0
+
+
+class TinyLLM(_Section):
+    """An in-code Qwen2 config for CPU runs; the vocabulary comes from the data's tokenizer."""
+
+    hidden_size: PositiveInt = 64
+    layers: PositiveInt = 2
+    heads: PositiveInt = 4
+    kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 128
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
+        return self
+
+    def qwen2_kwargs(self, vocab_size: int, max_length: int) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.Qwen2Config``."""
+        return dict(vocab_size=vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                    num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                    num_key_value_heads=self.kv_heads, max_position_embeddings=max_length,
+                    tie_word_embeddings=True)
+
+
+class LoraSection(_Section):
+    enabled: bool = True
+    r: PositiveInt = 64
+    alpha: PositiveFloat = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    dora: bool = True
+    targets: list[str] = Field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+class ProjectorSection(_Section):
+    #: oryx_mlp_v2: Linear, 2x2 normalised pooling, GELU, Linear, newline/begin/end vectors.
+    type: Literal["oryx_mlp_v2", "mlp"] = "oryx_mlp_v2"
+    pool: Literal["1x", "2x"] = "2x"
+    trainable: bool = True
+
+
+class LLMSection(_Section):
+    """The language model the tokenizer is trained inside (or the MLLM trained on offline codes)."""
+
+    name_or_path: Optional[str] = None
+    tiny: Optional[TinyLLM] = None
+    #: HF tokenizer path or a viq WordTokenizer JSON; None = the model's own, or (tiny) built from the data.
+    tokenizer: Optional[str] = None
+    #: qwen2: <|im_start|>role ... <|im_end|>; plain: <user>/<assistant> markers for word tokenizers.
+    template: Literal["qwen2", "plain"] = "qwen2"
+    max_length: PositiveInt = 4096
+    #: full fine-tuning of the base LLM (tiny runs); mutually exclusive with LoRA.
+    trainable: bool = False
+    lora: LoraSection = Field(default_factory=LoraSection)
+    projector: ProjectorSection = Field(default_factory=ProjectorSection)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of llm.name_or_path (a Qwen2.5 checkpoint) or llm.tiny")
+        if self.trainable and self.lora.enabled:
+            raise ValueError("llm.trainable (full fine-tuning) and llm.lora.enabled exclude each other")
+        return self
+
+
+class ResizeSection(_Section):
+    """Area-keeping resize used when a sample has no ``resize``: area ~ base^2, sides multiple of patch."""
+
+    base: PositiveInt = 896
+    patch: PositiveInt = 32
+
+
+class DataSection(_Section):
+    path: str
+    val_path: Optional[str] = None
+    #: image paths are resolved against this, else against the data file's folder.
+    image_root: Optional[str] = None
+    #: the reference defaulted to 896x14, which is not 16-aligned; 32 keeps the 2x2 pooling grids even.
+    default_resize: ResizeSection = Field(default_factory=ResizeSection)
+    #: mllm_offline: a viq code store whose rows replace the images (looked up by img_path).
+    code_store: Optional[str] = None
+    num_workers: NonNegativeInt = 4
+    micro_batch_size: PositiveInt = 1
+    #: token (ViT patch) budget per micro-batch; when set, batches are sized by it, not by count.
+    max_tokens_per_batch: Optional[PositiveInt] = None
+    #: pack all images of a micro-batch into one sequence (no padding, no cross-image attention).
+    packing: bool = True
+    shuffle: bool = True
+    #: keep only this leading fraction of the samples.
+    sample_fraction: Optional[float] = Field(None, gt=0, le=1)
+    #: fail the run when more than this share of samples is bad (bad ones are skipped and reported).
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("path", "val_path")
+    @classmethod
+    def _suffix(cls, v):
+        if v is not None and not v.endswith((".json", ".jsonl")):
+            raise ValueError(f"{v!r} must be a .json (list) or .jsonl file")
+        return v
+
+
+class ScheduleSection(_Section):
+    """Linear warmup, then cosine down to min_lr_ratio * lr."""
+
+    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
+    warmup_steps: Optional[NonNegativeInt] = None
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("set warmup_ratio or warmup_steps, not both")
+        return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return math.ceil((self.warmup_ratio or 0.0) * total_steps)
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of optim.lr at optimizer step ``step`` (0-based), as the reference computes it."""
+        w = self.warmup_for(total_steps)
+        if step < w:
+            return step / w
+        p = min(1.0, (step - w) / max(1, total_steps - w))
+        r = self.min_lr_ratio
+        return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+class OptimSection(_Section):
+    """AdamW; weight decay off for biases and norms."""
+
+    lr: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    max_steps: Optional[PositiveInt] = None
+    epochs: Optional[PositiveFloat] = None
+    grad_accum: PositiveInt = 1
+    #: None = no clipping (the reference's effective setting).
+    grad_clip: Optional[PositiveFloat] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of optim.max_steps or optim.epochs")
+        return self
+
+
+class RuntimeSection(_Section):
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    tf32: bool = True
+    #: DeepSpeed ZeRO stage through accelerate; None = plain DDP (or a single process).
+    deepspeed_zero: Optional[Literal[1, 2, 3]] = None
+    #: activation checkpointing of the ViT, head, adapter and LLM blocks.
+    gradient_checkpointing: bool = True
+    save_every: PositiveInt = 1000
+    keep_last: PositiveInt = 1
+    log_every: PositiveInt = 10
+    eval_every: Optional[PositiveInt] = None
+    #: write TensorBoard events when tensorboard is installed.
+    tensorboard: bool = True
+    #: continue from the latest checkpoint in the run's directory.
+    resume: bool = False
+
+
+class Recipe(_Section):
+    """A resolved recipe: everything one training run needs."""
+
+    #: variables for ``${name}`` in any string of the recipe (no environment variables).
+    paths: dict[str, str] = Field(default_factory=dict)
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    head: Optional[HeadSection] = Field(default_factory=HeadSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    decoder: DecoderSection = Field(default_factory=DecoderSection)
+    losses: LossesSection = Field(default_factory=LossesSection)
+    llm: Optional[LLMSection] = None
+    data: DataSection
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(epochs=1))
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        problems = []
+        L, task = self.losses, self.run.task
+        if L.lm_ce > 0 and self.llm is None:
+            problems.append("losses.lm_ce > 0 needs an llm section")
+        if L.lm_ce == 0 and self.llm is not None:
+            problems.append("llm is set but losses.lm_ce is 0: the LLM would run for nothing (set llm: null)")
+        if L.cls_distill.enabled and not self.teacher.enabled:
+            problems.append("losses.cls_distill needs teacher.enabled: true")
+        if self.teacher.enabled and not L.cls_distill.enabled:
+            problems.append("teacher.enabled but losses.cls_distill is off: the teacher would run for nothing")
+        if L.rec_latent_mse > 0 and not (self.decoder.enabled and self.decoder.target == "latent"):
+            problems.append("losses.rec_latent_mse > 0 needs decoder.enabled: true with decoder.target: latent")
+        if self.decoder.enabled and self.decoder.target == "latent" and L.rec_latent_mse == 0:
+            problems.append("decoder.target latent trains only through losses.rec_latent_mse, which is 0")
+        if self.head is None:
+            if self.decoder.enabled:
+                problems.append("the decoder reads the head's output; a recipe without a head needs decoder.enabled: false")
+            if L.cls_distill.enabled and L.cls_distill.source == "head":
+                problems.append("without a head, distil from the ViT: losses.cls_distill.source: vit")
+        if task == "mllm_offline":
+            if not self.data.code_store:
+                problems.append("run.task mllm_offline needs data.code_store")
+            if self.head is None or self.head.quantizer.type != "fsq":
+                problems.append("run.task mllm_offline reads FSQ codes: head.quantizer.type must be fsq")
+            if self.model.trainable or self.teacher.enabled or self.decoder.enabled:
+                problems.append("run.task mllm_offline never runs the ViT: set model.trainable: false, "
+                                "teacher.enabled: false, decoder.enabled: false")
+        elif self.data.code_store:
+            problems.append("data.code_store is only read by run.task mllm_offline")
+        if task == "decoder" and not self.decoder.enabled:
+            problems.append("run.task decoder needs decoder.enabled: true")
+        if self.runtime.eval_every and not self.data.val_path:
+            problems.append("runtime.eval_every needs data.val_path")
+        if self.llm and self.llm.projector.pool == "2x" and self.data.default_resize.patch % 32:
+            problems.append("llm.projector.pool 2x pools 2x2 patches, so grids must be even: "
+                            "data.default_resize.patch must be a multiple of 32")
+        if not self._trains_something():
+            problems.append("nothing is trainable: every part is frozen or disabled")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _trains_something(self) -> bool:
+        m, h, llm = self.model, self.head, self.llm
+        vision = self.run.task != "mllm_offline" and (
+            m.trainable or (m.train_attn_pool and self.losses.cls_distill.enabled))
+        return bool(vision or (h is not None and not h.freeze) or self.decoder.enabled
+                    or (llm and (llm.trainable or llm.lora.enabled or llm.projector.trainable)))
+
+    # -- derived views ---------------------------------------------------------------------------
+
+    def viq_config(self) -> ViQConfig:
+        """The architecture as a viq.config.ViQConfig (preset + recipe); builds no modules.
+
+        A stage without a head (stage 1) keeps the preset's head: only the ViT is used.
+        """
+        m, h, d = self.model, self.head, self.decoder
+        vit = dict(m.vit)
+        try:
+            if m.arch == "tiny":
+                cfg = tiny_config(**{k: vit.pop(k) for k in ("width", "depth", "heads", "pos_grid") if k in vit})
+            else:
+                cfg = preset_config(m.arch)
+            data = cfg.model_dump()
+            data["name"] = self.run.name
+            data["vit"].update(vit)
+            if h is not None:
+                q = h.quantizer
+                if not h.layernorm_trick:
+                    raise RecipeError("head.layernorm_trick: false cannot be expressed by ViQConfig (always on)")
+                if not q.rope2d and q.pre_attn_blocks:
+                    raise RecipeError("head.quantizer.rope2d: false with pre_attn_blocks > 0 cannot be expressed "
+                                      "by ViQConfig (its FSQ blocks always use RoPE-2D)")
+                if q.type == "fsq":
+                    data["head"]["levels"] = list(q.levels)
+                data["head"].update(pre_blocks=h.pre_blocks, fsq_blocks=q.pre_attn_blocks,
+                                    slots=4 if h.token_shuffle else 1, residual_mlps=h.residual_mlps)
+                if q.attn_dim is not None:
+                    data["head"]["fsq_attn_dim"] = q.attn_dim
+            data["drawer"] = _deep_merge(data["drawer"], m.drawer)
+            data["drawer"].update(adapter_blocks=d.adapter_blocks, latent_upsample=d.latent_upsample)
+            out = ViQConfig.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError("\n".join(_problems(exc, ViQConfig, prefix=("model",)))) from None
+        except RecipeError:
+            raise
+        except (ConfigError, ValueError) as exc:
+            raise RecipeError(f"model: {exc}") from None
+        if d.adapter_heads is not None and d.adapter_heads != out.vit.heads:
+            raise RecipeError(f"decoder.adapter_heads {d.adapter_heads} differs from the ViT's {out.vit.heads}; "
+                              "ViQConfig has no separate adapter head count (use null)")
+        return out
+
+    @property
+    def out_dir(self) -> Path:
+        """Where this run writes: run.output_dir, plus the stage name when resolved for a stage."""
+        root = Path(self.run.output_dir).expanduser()
+        return root / self.run.stage if self.run.stage else root
+
+    @property
+    def init_path(self) -> Optional[Path]:
+        """The checkpoint (file or directory) the student starts from, if any."""
+        if self.model.init_stage:
+            return Path(self.run.output_dir).expanduser() / self.model.init_stage
+        return Path(self.model.init_ckpt).expanduser() if self.model.init_ckpt else None
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML; loading it back gives an equal Recipe."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None,
+                              allow_unicode=True, width=100)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+_FILE_KEYS = ("extends", "stages")  # consumed while reading a file; not part of a resolved Recipe
+_VAR = re.compile(r"\$\{([^}]*)\}")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 only accepts ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: invalid YAML: {exc}") from None
+
+
+def _read_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a dict, with its ``extends`` parent merged underneath."""
+    path = Path(path)
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: 'extends' loops back to itself")
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    data = _yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _deep_merge(_read_file(path.parent / str(parent), chain + (path.resolve(),)), data)
+    return data
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """Dicts merge key by key; anything else (lists, scalars, null) replaces."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return copy.deepcopy(over)
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if k in out else copy.deepcopy(v)
+    return out
+
+
+def _stages(raw: dict, where: str) -> dict[str, dict]:
+    stages = raw.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise RecipeError(f"{where}: stages must map stage names to override sections")
+    out = {}
+    for name, over in stages.items():
+        if over is not None and not isinstance(over, dict):
+            raise RecipeError(f"{where}: stages.{name} must be a mapping of overrides")
+        out[str(name)] = over or {}
+    return out
+
+
+def list_stages(path: Union[str, Path]) -> list[str]:
+    """Stage names of a recipe file, in file order."""
+    return list(_stages(_read_file(Path(path)), str(path)))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003); the value is read as YAML."""
+    key, sep, raw = str(text).partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError(f"override {text!r} must look like key.path=value (e.g. optim.lr=3e-4)")
+    return parts, _yaml(raw, f"override {text!r}") if raw.strip() else None
+
+
+def _apply_override(tree: dict, text: str) -> None:
+    parts, value = parse_override(text)
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise RecipeError(f"override {text!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _substitute(tree: dict) -> dict:
+    """Replace ``${name}`` by ``paths[name]`` in every string (paths may refer to each other)."""
+    paths = tree.get("paths") or {}
+    if not isinstance(paths, dict):
+        raise RecipeError("paths must map names to strings")
+    done: dict[str, str] = {}
+
+    def var(name: str, where: str, chain: tuple[str, ...]) -> str:
+        if name in done:
+            return done[name]
+        if name not in paths:
+            close = difflib.get_close_matches(name, list(paths), n=1)
+            hint = f"did you mean ${{{close[0]}}}?" if close else f"define it under paths: ({', '.join(paths) or 'none defined'})"
+            raise RecipeError(f"{where}: unknown variable ${{{name}}}; {hint}")
+        if name in chain:
+            raise RecipeError(f"paths.{name}: variables refer to each other in a loop ({' -> '.join(chain + (name,))})")
+        done[name] = sub(str(paths[name]), f"paths.{name}", chain + (name,))
+        return done[name]
+
+    def sub(s: str, where: str, chain: tuple[str, ...] = ()) -> str:
+        return _VAR.sub(lambda m: var(m.group(1).strip(), where, chain), s)
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, str):
+            return sub(node, where)
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    out = walk({k: v for k, v in tree.items() if k != "paths"}, "")
+    if "paths" in tree:
+        out = {"paths": {k: var(str(k), f"paths.{k}", ()) for k in paths}, **out}
+    return out
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """Validate an already-merged recipe dict (no stages, overrides or variables left)."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_report(source, _problems(exc, Recipe))) from None
+    try:
+        recipe.viq_config()
+    except RecipeError as exc:
+        raise RecipeError(_report(source, str(exc).split("\n"))) from None
+    return recipe
+
+
+def load_recipe(path: Union[str, Path], stage: Optional[str] = None,
+                overrides: Iterable[str] = ()) -> Recipe:
+    """Read, merge (base + stage + ``key.path=value`` overrides), substitute ``${...}`` and validate."""
+    return _load(Path(path), stage, list(overrides), ())
+
+
+def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[str, ...]) -> Recipe:
+    raw = _read_file(path)
+    stages = _stages(raw, str(path))
+    data = {k: v for k, v in raw.items() if k != "stages"}
+    source = str(path)
+    if stage is not None:
+        stage = str(stage)
+        if stage not in stages:
+            close = difflib.get_close_matches(stage, list(stages), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{path}: no stage {stage!r}{hint}; stages: {', '.join(stages) or 'none (base only)'}")
+        data = _deep_merge(data, stages[stage])
+        source = f"{path} [stage {stage}]"
+    for text in overrides:
+        _apply_override(data, text)
+    if stage is not None and isinstance(data.get("run", {}), dict):
+        data.setdefault("run", {})["stage"] = stage
+    recipe = validate_recipe(_substitute(data), source)
+    if recipe.model.init_stage:
+        _check_handover(path, recipe, stages, chain + (stage or "",), source)
+    return recipe
+
+
+def _check_handover(path: Path, recipe: Recipe, stages: dict, chain: tuple[str, ...], source: str) -> None:
+    """A stage that starts from another must share its ViT; a changed quantizer needs reinit_mismatched."""
+    src = recipe.model.init_stage
+    if src not in stages:
+        raise RecipeError(f"{source}: model.init_stage {src!r} is not a stage of this recipe "
+                          f"({', '.join(stages) or 'none'})")
+    if src in chain:
+        raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
+    before = _load(path, src, [], chain)
+    if before.viq_config().vit != recipe.viq_config().vit:
+        raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
+    old, new = _quantizer_shape(before), _quantizer_shape(recipe)
+    if old is not None and new is not None and old != new and not recipe.model.reinit_mismatched:
+        raise RecipeError(
+            f"{source}: starts from stage {src!r} whose head differs ({_fmt_shape(old)} -> {_fmt_shape(new)}); "
+            "tensors such as the quantizer's project_in/project_out change shape. Set "
+            "model.reinit_mismatched: true to re-initialise them on purpose (they are reported at load)")
+
+
+def _quantizer_shape(r: Recipe):
+    if r.head is None:
+        return None
+    q = r.head.quantizer
+    width = len(q.levels) if q.type == "fsq" else q.bottleneck_dim
+    return (q.type, width, q.codebook_size, q.pre_attn_blocks, r.head.token_shuffle, r.head.pre_blocks,
+            r.head.residual_mlps)
+
+
+def _fmt_shape(s) -> str:
+    return f"{s[0]} width {s[1]}, {s[3]} RoPE blocks"
+
+
+# ---- readable validation errors ---------------------------------------------------------------
+
+
+def _section_class(annotation) -> Optional[type]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _section_class(arg)
+            if found is not None:
+                return found
+        return None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _class_at(root: type, loc: tuple) -> Optional[type]:
+    cls = root
+    for part in loc:
+        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        cls = _section_class(cls.model_fields[part].annotation)
+    return cls
+
+
+def _describe(err: dict, root: type, prefix: tuple) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in prefix + loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _class_at(root, loc[:-1])
+        names = list(parent.model_fields) if parent else []
+        if parent is Recipe:
+            names += _FILE_KEYS
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+        if close:
+            return f"{where}: unknown key; did you mean {'.'.join(str(p) for p in prefix + loc[:-1] + (close[0],))!r}?"
+        return f"{where}: unknown key; valid keys here: {', '.join(names)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if err["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
+        msg += f" (got {value!r})"
+    return f"{where}: {msg}"
+
+
+def _problems(exc: ValidationError, root: type, prefix: tuple = ()) -> list[str]:
+    """One line per problem, each starting with its dotted key."""
+    lines = []
+    for err in exc.errors():
+        if not err["loc"] and err["type"] == "value_error":  # cross-field rules name their own keys
+            lines += err["msg"].removeprefix("Value error, ").split("\n")
+        else:
+            lines.append(_describe(err, root, prefix))
+    return list(dict.fromkeys(lines))
+
+
+def _report(source: str, lines: list[str]) -> str:
+    return f"{source} is invalid:\n" + "\n".join(f"  - {line}" for line in lines)
