@@ -34,6 +34,8 @@ COMMANDS = [
     ("encode", "encode", "encode"),
     ("decode", "reconstruct", "reconstruct"),
     ("decode", "embed", "embed"),
+    ("weights", "convert", "convert"),
+    ("weights", "verify", "verify"),
     ("download", "download", "download"),
 ]
 

@@ -63,18 +63,18 @@ def parse_caption(text: str) -> Optional[ShapeAttributes]:
 
 def caption_vocabulary() -> list[str]:
     """Every word and punctuation mark a question or caption can contain (sorted)."""
-    texts = list(QUESTIONS) + [f"A {s} {c} {sh} {p}." for s in SIZES for c in COLOURS
-                               for sh in SHAPES[:1] for p in PHRASES.values()] + list(SHAPES)
+    texts = [*QUESTIONS, "A .", *SHAPES, *COLOURS, *SIZES, *PHRASES.values()]
     return sorted({tok for t in texts for tok in re.findall(r"\w+|[^\w\s]", t)})
 
 
-def draw_shape(width: int, height: int, attrs: ShapeAttributes, background, rng: np.random.Generator) -> Image.Image:
-    """Render one image; ``background`` is one RGB colour or (colour, colour, 'h'|'v', split fraction)."""
-    img = Image.new("RGB", (width, height), background[0] if len(background) == 4 else background)
+def draw_shape(width: int, height: int, attrs: ShapeAttributes, rng: np.random.Generator,
+               background=(128, 128, 128), second=None, split: tuple[str, float] = ("h", 0.5)) -> Image.Image:
+    """Render one image; with ``second``, the background is two-tone, split ``h``orizontally or ``v``."""
+    img = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(img)
-    if len(background) == 4:
-        _, second, direction, split = background
-        box = (0, int(height * split), width, height) if direction == "h" else (int(width * split), 0, width, height)
+    if second is not None:
+        direction, f = split
+        box = (0, int(height * f), width, height) if direction == "h" else (int(width * f), 0, width, height)
         draw.rectangle(box, fill=second)
     short = min(width, height)
     side = SIZES[attrs.size] * short
@@ -138,15 +138,13 @@ def _make_sample(root: Path, split: str, i: int, rng: np.random.Generator, min_s
     attrs = ShapeAttributes(pick(SHAPES), pick(list(COLOURS)), pick(list(SIZES)), pick(list(POSITIONS)))
     width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
     names = list(BACKGROUNDS)
-    first = pick(names)
+    first, second, cut, bg_name = pick(names), None, ("h", 0.5), None
     if rng.random() < two_tone:
         second = pick([n for n in names if n != first])
-        background = (BACKGROUNDS[first], BACKGROUNDS[second], pick(("h", "v")), float(rng.uniform(0.3, 0.7)))
-        bg_name = f"{first}/{second}"
-    else:
-        background, bg_name = BACKGROUNDS[first], first
+        cut, bg_name = (pick(("h", "v")), float(rng.uniform(0.3, 0.7))), f"{first}/{second}"
     rel = f"images/{split}/{i:06d}.png"
-    draw_shape(width, height, attrs, background, rng).save(root / rel, format="PNG")
+    img = draw_shape(width, height, attrs, rng, BACKGROUNDS[first], second and BACKGROUNDS[second], cut)
+    img.save(root / rel, format="PNG")
     image = {"img_path": rel}
     if resize is not None:
         image["resize"] = resize
@@ -155,5 +153,5 @@ def _make_sample(root: Path, split: str, i: int, rng: np.random.Generator, min_s
         "image": [image],
         "conversations": [{"from": "human", "value": f"<image>\n{pick(QUESTIONS)}"},
                           {"from": "gpt", "value": caption(attrs)}],
-        "meta": {**asdict(attrs), "width": width, "height": height, "background": bg_name},
+        "meta": {**asdict(attrs), "width": width, "height": height, "background": bg_name or first},
     }

@@ -461,7 +461,7 @@ class Recipe(_Section):
             problems.append("decoder.target latent trains only through losses.rec_latent_mse, which is 0")
         if self.head is None:
             if self.decoder.enabled:
-                problems.append("the decoder reads the head's output; a recipe without a head needs decoder.enabled: false")
+                problems.append("the decoder reads the head's output: without a head, set decoder.enabled: false")
             if L.cls_distill.enabled and L.cls_distill.source == "head":
                 problems.append("without a head, distil from the ViT: losses.cls_distill.source: vit")
         if task == "mllm_offline":
@@ -657,10 +657,12 @@ def _substitute(tree: dict) -> dict:
             return done[name]
         if name not in paths:
             close = difflib.get_close_matches(name, list(paths), n=1)
-            hint = f"did you mean ${{{close[0]}}}?" if close else f"define it under paths: ({', '.join(paths) or 'none defined'})"
+            hint = (f"did you mean ${{{close[0]}}}?" if close
+                    else f"define it under paths: (defined: {', '.join(paths) or 'none'})")
             raise RecipeError(f"{where}: unknown variable ${{{name}}}; {hint}")
         if name in chain:
-            raise RecipeError(f"paths.{name}: variables refer to each other in a loop ({' -> '.join(chain + (name,))})")
+            loop = " -> ".join(chain + (name,))
+            raise RecipeError(f"paths.{name}: variables refer to each other in a loop ({loop})")
         done[name] = sub(str(paths[name]), f"paths.{name}", chain + (name,))
         return done[name]
 
@@ -711,7 +713,8 @@ def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[s
         if stage not in stages:
             close = difflib.get_close_matches(stage, list(stages), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{path}: no stage {stage!r}{hint}; stages: {', '.join(stages) or 'none (base only)'}")
+            names = ", ".join(stages) or "none (base only)"
+            raise RecipeError(f"{path}: no stage {stage!r}{hint}; stages: {names}")
         data = _deep_merge(data, stages[stage])
         source = f"{path} [stage {stage}]"
     for text in overrides:
@@ -719,20 +722,26 @@ def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[s
     if stage is not None and isinstance(data.get("run", {}), dict):
         data.setdefault("run", {})["stage"] = stage
     recipe = validate_recipe(_substitute(data), source)
-    if recipe.model.init_stage:
-        _check_handover(path, recipe, stages, chain + (stage or "",), source)
+    if recipe.model.init_stage and stages:  # a resolved printout has no stages left to compare with
+        _check_handover(path, recipe, stages, overrides, chain + (stage or "",), source)
     return recipe
 
 
-def _check_handover(path: Path, recipe: Recipe, stages: dict, chain: tuple[str, ...], source: str) -> None:
-    """A stage that starts from another must share its ViT; a changed quantizer needs reinit_mismatched."""
+def _check_handover(path: Path, recipe: Recipe, stages: dict, overrides: list[str], chain: tuple[str, ...],
+                    source: str) -> None:
+    """A stage that starts from another must share its ViT; a changed quantizer needs reinit_mismatched.
+
+    The source stage is resolved with the same overrides (minus the hand-over keys themselves),
+    since a user passes the same ``key=value`` to every stage of one progression.
+    """
     src = recipe.model.init_stage
     if src not in stages:
         raise RecipeError(f"{source}: model.init_stage {src!r} is not a stage of this recipe "
                           f"({', '.join(stages) or 'none'})")
     if src in chain:
         raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
-    before = _load(path, src, [], chain)
+    shared = [o for o in overrides if not o.strip().startswith(("model.init_", "model.reinit_mismatched"))]
+    before = _load(path, src, shared, chain)
     if before.viq_config().vit != recipe.viq_config().vit:
         raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
     old, new = _quantizer_shape(before), _quantizer_shape(recipe)
@@ -788,7 +797,8 @@ def _describe(err: dict, root: type, prefix: tuple) -> str:
             names += _FILE_KEYS
         close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
         if close:
-            return f"{where}: unknown key; did you mean {'.'.join(str(p) for p in prefix + loc[:-1] + (close[0],))!r}?"
+            nearest = ".".join(str(p) for p in prefix + loc[:-1] + (close[0],))
+            return f"{where}: unknown key; did you mean {nearest!r}?"
         return f"{where}: unknown key; valid keys here: {', '.join(names)}"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")

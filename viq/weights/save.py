@@ -77,6 +77,9 @@ def export_reference(state: dict[str, torch.Tensor], cfg: ViQConfig, out_dir, si
         if p == "drawer":
             drw[keymaps.rename(k, enc_map)] = v
     written = []
+    # Names the architecture for viq (the reference code ignores this file).
+    write_json({"format": "viq-reference-config", "model": cfg.model_dump(mode="json")}, out / "config.json")
+    written.append(out / "config.json")
     for name, sd in ((f"model_viq_fsq_{size}.pth", enc), ("embedder.pth", emb), ("index_drawer.pth", drw)):
         if not sd:
             continue

@@ -1,0 +1,132 @@
+"""convert: the training-layout fixture becomes weights that reproduce the reference outputs;
+strict about missing keys; dropped keys reported. verify: passes on good weights, fails on tampered."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, fixture_config, reference_dir_with_config
+from viq.errors import ConfigError, KeyMismatchError
+from viq.tokenizer import load_tokenizer
+from viq.weights.convert import convert
+
+TRAIN = FIXTURES / "train-layout" / "vision_tower.pth"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "viq-16k"
+    report = convert(TRAIN, out, config=fixture_config("16k"), reference_layout=True)
+    return out, report
+
+
+def test_converted_training_checkpoint_reproduces_reference_outputs(converted):
+    out, _ = converted
+    tok = load_tokenizer(out, parts=("encoder", "decoder", "drawer"), device="cpu")
+    for case in ("native", "preproc"):
+        data = np.load(FIXTURES / "results_16k" / f"case_{case}.npz")
+        n = len([k for k in data if k.startswith("indices_")])
+        pixels = [torch.from_numpy(data[f"pixel_values_{i}"][0]) for i in range(n)]
+        codes = tok.encode_pixels(pixels)
+        feats, lats = tok.embed(codes), tok.latents(codes)
+        recons = tok.reconstruct(codes)
+        for i in range(n):
+            np.testing.assert_array_equal(codes[i].reshape(-1).numpy(), data[f"indices_{i}"].reshape(-1))
+            ref = data[f"embed_feat_{i}"][0]
+            assert np.abs(feats[i].numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+            ref = data[f"vae_latent_{i}"]
+            assert np.abs(lats[i].numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+            assert np.abs(recons[i].numpy().astype(int) - data[f"recon_{i}"]).max() <= 1
+
+
+def test_dropped_keys_are_reported_by_group(converted):
+    _, report = converted
+    groups = set(report.dropped)
+    for g in ("teacher", "projector", "perceptual loss", "VAE CPU copy", "high branch", "step counter",
+              "FSQ buffers", "zero scalars"):
+        assert g in groups, g
+    extras = sum(len(v) for g, v in report.dropped.items() if not g.startswith("Qwen-Image VAE"))
+    assert extras == 42  # every extra key of the training file, none silently
+    assert report.levels == [8, 8, 8, 6, 5]  # read from the checkpoint's _levels buffer
+    assert report.adaptations == []  # shapes already right: no resize
+
+
+def test_converted_equals_published_conversion_bit_for_bit(converted, tmp_path):
+    out, _ = converted
+    ours = load_tokenizer(out, parts=("encoder", "pool", "decoder", "drawer"), device="cpu").model.state_dict()
+    ref = load_tokenizer(reference_dir_with_config(tmp_path, "16k"), parts=("encoder", "pool", "decoder", "drawer"),
+                         device="cpu").model.state_dict()
+    assert ours.keys() == ref.keys()
+    for k in ours:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_missing_key_makes_convert_fail(tmp_path):
+    sd = torch.load(TRAIN, weights_only=True)
+    sd.pop("base_model.model.model.vision_tower.vision_tower.dualvq_head.vq_low_postprocess_layers.2.norm.weight")
+    bad = tmp_path / "vision_tower.pth"
+    torch.save(sd, bad)
+    with pytest.raises(KeyMismatchError) as e:
+        convert(bad, tmp_path / "out", config=fixture_config("16k"))
+    assert "head.post_mlps.2.norm.weight" in str(e.value)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_levels_conflict_and_position_grid_adaptation(tmp_path):
+    with pytest.raises(ConfigError, match="levels"):
+        convert(TRAIN, tmp_path / "o1", size="64k", config=fixture_config("16k"))
+    sd = torch.load(TRAIN, weights_only=True)
+    key = "base_model.model.model.vision_tower.vision_tower.pos_embed"
+    sd[key] = torch.randn(1, 64, 128, dtype=torch.float16)  # an 8x8 grid, as a 128-px pre-training would leave
+    path = tmp_path / "vision_tower.pth"
+    torch.save(sd, path)
+    report = convert(path, tmp_path / "o2", config=fixture_config("16k"))
+    assert report.adaptations == ["position grid 8x8 -> 16x16 (bicubic)"]
+    tok = load_tokenizer(tmp_path / "o2", parts=("encoder",), device="cpu")
+    assert tok.model.vit.pos_embed.shape == (1, 256, 128)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "viqctl", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
+    out, _ = converted
+    p = cli("verify", out, "--against", out / "converted_16k", "--json", "--resize", "native:6144")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["ok"] and len(res["fingerprints"]) == 3
+    assert {f["image"] for f in res["fingerprints"]} >= {"chelsea_320x240.jpg"}
+    assert len({tuple(f["grid"]) for f in res["fingerprints"]}) == 3  # different sizes
+
+    # flip one weight of a copy of the converted model
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("converted_*"))
+    sd = load_file(bad / "decoder.safetensors")
+    sd["head.post_mlps.1.mlp.fc1.weight"][0, 0] += 0.5
+    save_file(sd, bad / "decoder.safetensors")
+    p = cli("verify", bad, "--against", out, "--resize", "native:6144")
+    assert p.returncode == 1
+    assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
+
+
+def test_convert_cli_json_summary(tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"model": fixture_config("16k").model_dump(mode="json")}))
+    p = cli("convert", TRAIN, "--out", tmp_path / "o", "--config", cfg / "config.json", "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["dropped"]["teacher"]["count"] == 8
+    assert set(res["parts"]) == {"encoder", "pool", "decoder", "drawer"}
+    p = cli("convert", tmp_path / "nothing.pth", "--out", tmp_path / "o2")
+    assert p.returncode == 2 and "nothing.pth" in p.stderr
