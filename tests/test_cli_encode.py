@@ -170,7 +170,12 @@ def test_two_processes_give_the_same_codes_as_one(model, images, tmp_path):
     run("encode", images, "--model", model, "--out", one, check=0)
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    import socket
+
+    with socket.socket() as sock:  # a free port: parallel runs must not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "viqctl", "encode", str(images), "--model", str(model), "--out", str(two), "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
