@@ -36,7 +36,9 @@ COMMANDS = [
     ("decode", "embed", "embed"),
     ("weights", "convert", "convert"),
     ("weights", "verify", "verify"),
+    ("train", "train", "train"),
     ("download", "download", "download"),
+    ("bench", "bench", "bench"),
 ]
 
 for module_name, func_name, command_name in COMMANDS:
