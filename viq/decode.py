@@ -83,7 +83,7 @@ class ReconstructSummary:
 
 def reconstruct_store(store: CodeStore, tok: ViQTokenizer, out_dir, ids: Sequence[str] | None = None,
                       crop: bool = True, overwrite: bool = False, token_budget: int = 16384,
-                      progress: Callable[[int], None] | None = None) -> ReconstructSummary:
+                      progress: Callable[[int], None] | None = None, decoder: str = "vae") -> ReconstructSummary:
     """Write one PNG per id. ``crop`` cuts the patch padding away (the reference keeps it)."""
     import time
 
@@ -104,7 +104,7 @@ def reconstruct_store(store: CodeStore, tok: ViQTokenizer, out_dir, ids: Sequenc
     records = [store.get(i) for i in todo]
     for group in batches_by_budget([r.h * r.w for r in records], token_budget):
         recs = [records[k] for k in group]
-        images = tok.reconstruct([torch.from_numpy(r.codes) for r in recs])
+        images = tok.reconstruct([torch.from_numpy(r.codes) for r in recs], decoder=decoder)
         for r, img in zip(recs, images):
             if crop:
                 img = img[: r.height, : r.width]

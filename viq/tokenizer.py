@@ -129,8 +129,19 @@ class ViQTokenizer:
         return self.model.draw_latents(self.model.embed(flat), packing)
 
     @torch.inference_mode()
-    def reconstruct(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Codes -> uint8 images (16h, 16w, 3) (the padded size, as the reference)."""
+    def reconstruct(self, codes: Sequence[torch.Tensor], decoder: str = "vae") -> list[torch.Tensor]:
+        """Codes -> uint8 images (16h, 16w, 3) (the padded size, as the reference).
+
+        ``decoder="vae"``: the drawer and the Qwen-Image VAE (the published path);
+        ``decoder="pixel"``: the lightweight pixel decoder of the decoder stage.
+        """
+        if decoder == "pixel":
+            if not codes:
+                return []
+            flat, packing = self._pack_codes(codes)
+            return [img.cpu() for img in self.model.decode_pixels(self.model.embed(flat), packing)]
+        if decoder != "vae":
+            raise ConfigError(f"unknown decoder {decoder!r}; use vae or pixel")
         return [self.model.decode_latent(lat).cpu() for lat in self.latents(codes)]
 
     # ---- saving -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ COMMANDS = [
     ("encode", "encode", "encode"),
     ("decode", "reconstruct", "reconstruct"),
     ("decode", "embed", "embed"),
+    ("evaluate", "evaluate", "eval"),
     ("weights", "convert", "convert"),
     ("weights", "verify", "verify"),
     ("train", "train", "train"),

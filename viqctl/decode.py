@@ -44,6 +44,8 @@ def reconstruct(
     keep_padding: bool = typer.Option(False, "--keep-padding",
                                       help="Keep the patch padding (the reference's 16h x 16w output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite PNGs that already exist."),
+    decoder: str = typer.Option("vae", "--decoder", help="vae: drawer + Qwen-Image VAE (published); pixel: the "
+                                                          "lightweight pixel decoder trained by the decoder stage."),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -61,12 +63,13 @@ def reconstruct(
     from viq.decode import reconstruct_store, select_ids
 
     with cli_errors(debug):
-        store, tok = _open(store_dir, model, models_dir, device, dtype, ("decoder", "drawer"))
+        parts = ("decoder", "pixel_decoder") if decoder == "pixel" else ("decoder", "drawer")
+        store, tok = _open(store_dir, model, models_dir, device, dtype, parts)
         chosen = [i for i in ids.split(",") if i] if ids else None
         bar, task = _bar("reconstruct", len(select_ids(store, chosen)), json_out)
         with bar:
             summary = reconstruct_store(store, tok, out_dir, chosen, crop=not keep_padding, overwrite=overwrite,
-                                        progress=lambda n: bar.advance(task, n))
+                                        progress=lambda n: bar.advance(task, n), decoder=decoder)
         if json_out:
             print_json(summary.__dict__)
         else:

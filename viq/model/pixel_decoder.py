@@ -29,51 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from viq.errors import ConfigError
 from viq.nn.layers import Block
+from viq.config import PixelDecoderConfig  # noqa: F401  (re-exported)
 from viq.nn.vit import Packing
-
-
-class PixelDecoderConfig(BaseModel):
-    """Architecture of the pixel decoder (what ``config.json`` stores for it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: width of the incoming LLM features (the ViT width, 1536 for the giant model).
-    width: int = 1536
-    adapter_dim: int = 768
-    adapter_heads: int = 12
-    adapter_blocks: int = 2
-    adapter_mlp_ratio: float = 4.0
-    #: channels at the grid resolution, then after each of the log2(patch) upsampling stages.
-    channels: list[int] = Field(default_factory=lambda: [512, 512, 256, 128, 64])
-    res_blocks: int = 2
-    mid_blocks: int = 1
-    #: channels of the latent bottleneck (mean/logvar, KL); None = no bottleneck.
-    latent_channels: Optional[int] = 16
-    norm: Literal["channel", "group"] = "channel"
-    groups: int = 32
-    patch: int = 16
-    #: width of the REPA target features (DINOv2-base: 768); None = no REPA projector.
-    repa_dim: Optional[int] = None
-    repa_hidden: int = 1024
-
-    @model_validator(mode="after")
-    def _check(self):
-        stages = int(math.log2(self.patch)) if self.patch > 0 else -1
-        if self.patch < 1 or 2 ** stages != self.patch:
-            raise ValueError(f"patch must be a power of 2, got {self.patch}")
-        if len(self.channels) != stages + 1:
-            raise ValueError(f"channels needs {stages + 1} entries (grid level + {stages} upsampling stages) "
-                             f"for patch {self.patch}, got {len(self.channels)}")
-        bad = [c for c in self.channels if c % self.groups]
-        if bad:
-            raise ValueError(f"channels {bad} are not divisible by groups {self.groups}")
-        if self.adapter_dim % self.adapter_heads:
-            raise ValueError(f"adapter_dim {self.adapter_dim} is not divisible by adapter_heads {self.adapter_heads}")
-        return self
-
-    @property
-    def stages(self) -> int:
-        return int(math.log2(self.patch))
 
 
 def tiny_pixel_decoder_config(width: int = 64, **overrides) -> PixelDecoderConfig:

@@ -271,7 +271,8 @@ def viq_state(folder: Path, parts):
     for p in parts:
         entry = files.get(p)
         if entry is None:
-            raise WeightsError(f"{folder}: has no '{p}' part (parts: {', '.join(files) or 'none'})")
+            hint = " (train one with recipes/decoder.yaml, or use --decoder vae)" if p == "pixel_decoder" else ""
+            raise WeightsError(f"{folder}: has no '{p}' part (parts: {', '.join(files) or 'none'}){hint}")
         path = folder / entry["file"]
         tensors = read_tensors(path)
         check_keys(str(path), tensors, {k: s for k, s in full.items() if part_of(k) == p})
@@ -293,12 +294,14 @@ def is_viq_dir(path: Path) -> bool:
 
 # ---- public --------------------------------------------------------------------------------------
 
-def load_state(source, parts=ALL_PARTS, config: ViQConfig | None = None):
+def load_state(source, parts=ALL_PARTS[:4], config: ViQConfig | None = None):
     """(config, state dict in viq names, report) from any supported layout."""
     path = Path(source).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
     parts = tuple(p for p in ALL_PARTS if p in set(parts))
+    if "pixel_decoder" in parts and not is_viq_dir(path):
+        raise WeightsError(f"{path}: the published layout has no pixel decoder; use the VAE drawer (--decoder vae)")
     if is_viq_dir(path):
         cfg, state, report = viq_state(path, parts)
     else:
@@ -311,7 +314,7 @@ def load_state(source, parts=ALL_PARTS, config: ViQConfig | None = None):
     return cfg, state, report
 
 
-def load_model(source, parts=ALL_PARTS, dtype=torch.float32, device="cpu", config: ViQConfig | None = None):
+def load_model(source, parts=ALL_PARTS[:4], dtype=torch.float32, device="cpu", config: ViQConfig | None = None):
     """Build the parts asked for and fill every tensor from the files: (model, config, report)."""
     cfg, state, report = load_state(source, parts, config)
     model = build_empty(cfg, report.parts)

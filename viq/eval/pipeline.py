@@ -1,0 +1,101 @@
+"""Evaluate a tokenizer end to end: images (or a code store) -> codes -> reconstructions -> metrics.
+
+The originals are the images exactly as the tokenizer saw them (after the resize policy, before
+the patch padding); reconstructions are cropped to that size before comparing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from viq.errors import ImageError
+from viq.eval.report import evaluate, image_grid
+from viq.images import Preprocessor, load_rgb, parse_policy, to_pixels
+from viq.packing import batches_by_budget, patch_grid
+from viq.tokenizer import ViQTokenizer
+
+
+def _finite(obj):
+    """inf/nan -> None so the result is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def evaluate_sources(tok: ViQTokenizer, paths: Sequence[Path], policy: str = "native", decoder: str = "vae",
+                     perceptual=None, fid_net=None, grid_path=None, token_budget: int = 16384,
+                     progress: Callable[[int], None] | None = None) -> dict:
+    """Encode and reconstruct ``paths`` in memory, then measure. Unreadable images are listed, not fatal."""
+    prep = Preprocessor(parse_policy(policy))
+    originals, pixels, failures, names = [], [], [], []
+    for p in paths:
+        try:
+            img = prep.policy.apply(load_rgb(p))
+        except ImageError as exc:
+            failures.append({"source": str(p), "reason": str(exc)})
+            continue
+        originals.append(np.array(img))
+        pixels.append(to_pixels(img))
+        names.append(Path(p).name)
+    counts = [math.prod(patch_grid(px.shape[2], px.shape[1], tok.patch)) for px in pixels]
+    codes, recons = [], []
+    for group in batches_by_budget(counts, token_budget) if pixels else []:
+        c = tok.encode_pixels([pixels[i] for i in group])
+        codes += c
+        recons += [r.numpy() for r in tok.reconstruct(c, decoder=decoder)]
+        if progress:
+            progress(len(group))
+    return _finish(tok, originals, recons, codes, names, failures, decoder, policy, perceptual, fid_net, grid_path)
+
+
+def evaluate_store(tok: ViQTokenizer, store, decoder: str = "vae", perceptual=None, fid_net=None, grid_path=None,
+                   ids=None, progress: Callable[[int], None] | None = None) -> dict:
+    """Reconstruct a code store's images and compare with their sources (re-read and re-preprocessed)."""
+    from viq.decode import check_model_matches, select_ids
+
+    check_model_matches(store, tok)
+    policy = parse_policy(store.manifest.get("preprocess", "native"))
+    originals, recons, codes, names, failures = [], [], [], [], []
+    for i in select_ids(store, ids):
+        rec = store.get(i)
+        try:
+            img = np.array(policy.apply(load_rgb(rec.source)))
+        except ImageError as exc:
+            failures.append({"source": rec.source, "reason": f"original not readable: {exc}"})
+            continue
+        if img.shape[:2] != (rec.height, rec.width):
+            failures.append({"source": rec.source, "reason": "the source changed since it was encoded"})
+            continue
+        c = torch.from_numpy(rec.codes)
+        originals.append(img)
+        codes.append(c)
+        recons.append(tok.reconstruct([c], decoder=decoder)[0].numpy())
+        names.append(i)
+        if progress:
+            progress(1)
+    return _finish(tok, originals, recons, codes, names, failures, decoder, store.manifest.get("preprocess"),
+                   perceptual, fid_net, grid_path)
+
+
+def _finish(tok, originals, recons, codes, names, failures, decoder, policy, perceptual, fid_net, grid_path):
+    result = {"decoder": decoder, "preprocess": policy, "model": tok.config.name, "failures": failures}
+    if originals:
+        metrics = evaluate(originals, recons, codes, tok.codebook_size, perceptual=perceptual, fid_net=fid_net,
+                           patch=tok.patch, slots=tok.config.head.slots)
+        for row, name in zip(metrics["per_image"], names):
+            row["image"] = name
+        result.update(metrics)
+        if grid_path:
+            result["grid"] = str(image_grid(originals, recons, grid_path))
+    else:
+        result["images"] = 0
+    return _finite(result)

@@ -1,0 +1,91 @@
+"""viqctl eval: reconstruction quality and code statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
+                           models_dir_of, warn_if_random)
+from viqctl.console import cli_errors, err, out, print_json
+
+
+def evaluate(
+    inputs: List[str] = typer.Argument(..., help="A code store, or images (files, folders, globs, lists)."),
+    model: Optional[str] = ModelOpt,
+    decoder: str = typer.Option("vae", "--decoder", help="vae (published drawer + Qwen-Image VAE) or pixel."),
+    resize: str = typer.Option("native", "--resize", help="Preprocessing for images (a store keeps its own)."),
+    lpips: Optional[Path] = typer.Option(None, "--lpips", help="LPIPS weights (file or folder; "
+                                                                "`viqctl download lpips-vgg16`). Without it LPIPS is skipped."),
+    fid: Optional[Path] = typer.Option(None, "--fid", help="FID Inception weights (pt_inception). Without it rFID is skipped."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Write a side-by-side PNG (original | reconstruction)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    models_dir: Optional[Path] = ModelsDirOpt,
+    json_out: bool = JsonOpt,
+    debug: bool = DebugOpt,
+):
+    """PSNR, SSIM, LPIPS, rFID, codebook usage and bits per pixel of a tokenizer's reconstructions.
+
+    Example: viqctl eval viq/assets/examples --model viq-16k --grid grid.png
+
+    rFID protocol: Inception-v3 pool features (2048-d) of originals vs reconstructions, each image
+    resized to 299x299 bilinear, Frechet distance over the evaluated set (needs >= 2 images; small
+    sets give biased values, compare only like with like). PSNR/SSIM on uint8 RGB at the size the
+    tokenizer saw (padding cropped away); SSIM per channel with an 11x11 Gaussian window.
+    """
+    from viq.eval.pipeline import evaluate_sources, evaluate_store
+    from viq.tokenizer import load_tokenizer, resolve_source
+
+    with cli_errors(debug):
+        parts = ("encoder", "decoder", "pixel_decoder") if decoder == "pixel" else ("encoder", "decoder", "drawer")
+        first = Path(inputs[0])
+        perceptual = fid_net = None
+        if lpips is not None:
+            from viq.eval.perceptual import load_lpips
+
+            perceptual = load_lpips(lpips)
+        if fid is not None:
+            from viq.eval.fid import load_fid_net
+
+            fid_net = load_fid_net(fid)
+        if len(inputs) == 1 and (first / "manifest.json").is_file():
+            from viq.store import CodeStore
+
+            store = CodeStore(first)
+            src = resolve_source(model or store.manifest["model"]["source"], models_dir_of(models_dir))
+            warn_if_random(src)
+            tok = load_tokenizer(src, parts=parts[1:], device=device_of(device), dtype=dtype)
+            result = evaluate_store(tok, store, decoder, perceptual, fid_net, grid)
+        else:
+            from viq.sources import collect_sources
+
+            src = resolve_source(model, models_dir_of(models_dir))
+            warn_if_random(src)
+            tok = load_tokenizer(src, parts=parts, device=device_of(device), dtype=dtype)
+            paths = [s.path for s in collect_sources(inputs)]
+            result = evaluate_sources(tok, paths, resize, decoder, perceptual, fid_net, grid)
+        if perceptual is None and not json_out:
+            err.print("LPIPS skipped (no --lpips weights); rFID skipped (no --fid weights)" if fid_net is None
+                      else "LPIPS skipped (no --lpips weights)", highlight=False)
+        if json_out:
+            print_json(result)
+        else:
+            table = Table(title=f"{result['model']} ({decoder} decoder, {result['images']} images)")
+            for col in ("PSNR", "SSIM", "LPIPS", "rFID", "codes used", "perplexity", "bits/pixel"):
+                table.add_column(col, justify="right")
+            if result["images"]:
+                cb, bpp = result["codebook"], result["bits_per_pixel"]
+                fmt = lambda v, f: "-" if v is None else format(v, f)
+                table.add_row(fmt(result["psnr"], ".2f"), fmt(result["ssim"], ".4f"), fmt(result["lpips"], ".4f"),
+                              fmt(result["rfid"], ".2f"), fmt(cb.get("usage"), ".4f"), fmt(cb.get("perplexity"), ".1f"),
+                              fmt(bpp.get("bpp_original", bpp.get("bpp_padded")), ".4f"))
+            out.print(table)
+            for f in result["failures"]:
+                out.print(f"[red]failed[/] {f['reason']}", highlight=False, soft_wrap=True)
+            if result.get("grid"):
+                out.print(f"grid: {result['grid']}", highlight=False)
+        raise typer.Exit(1 if result["failures"] else 0)
