@@ -114,7 +114,9 @@ def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
     sd = load_file(bad / "decoder.safetensors")
     sd["head.post_mlps.1.mlp.fc1.weight"][0, 0] += 0.5
     save_file(sd, bad / "decoder.safetensors")
-    p = cli("verify", bad, "--against", out, "--resize", "native:6144")
+    from viq.weights.verify import example_images
+
+    p = cli("verify", bad, "--against", out, "--resize", "native:4096", "--images", example_images()[0])
     assert p.returncode == 1
     assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
 

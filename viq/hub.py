@@ -88,6 +88,10 @@ def _known_models() -> dict[str, ModelEntry]:
     entries.append(ModelEntry("qwen-image-vae", "Qwen/Qwen-Image", "Qwen-Image", ("vae/*",), _PIN,
                               "Qwen-Image VAE only (the drawer's decoder), not the 20B pipeline", "vae",
                               254_000_000, target=("vae",), required=("config.json", "*.safetensors")))
+    entries.append(ModelEntry("dinov2-base", "facebook/dinov2-base", "dinov2-base",
+                              ("config.json", "*.safetensors"), _PIN,
+                              "DINOv2-base, REPA target of the decoder stage (viq.eval.perceptual.load_dinov2)", "vit",
+                              346_000_000, required=("config.json", "*.safetensors")))
     for size in VIQ_SIZES:
         # The repo may keep the sizes at its root or under one folder (the README's ".../ViQ_weights/ViQ").
         entries.append(ModelEntry(
