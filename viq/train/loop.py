@@ -9,7 +9,6 @@ usage; TensorBoard when installed), evaluation, and checkpoints that resume exac
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from viq.quant import build_quantizer
 from viq.train import checkpoint as ckpt
 from viq.train.loop import (EvalSpec, FrozenTargets, LoopConfig, LossPlan, ProgressFn, Trainer, TrainModel,
                             total_steps, trained_state)
-from viq.train.teacher import build_teacher, load_siglip2_openclip, trunk_tensors, trunk_to_vit
+from viq.train.teacher import build_teacher, trunk_tensors, trunk_to_vit
 from viq.weights.io import read_tensors, write_json, write_safetensors
 
 log = logging.getLogger("viq.train")
@@ -342,6 +343,8 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
     """
     if recipe.run.task != "tokenizer":
         raise ConfigError(f"run.task {recipe.run.task!r} is not implemented by viq.train yet (only 'tokenizer')")
+    if recipe.llm is None:
+        raise ConfigError("training without an LLM (llm: null) is not implemented yet: the data path needs a tokenizer")
     resume = recipe.runtime.resume if resume is None else resume
     acc = make_accelerator(recipe)
     seed = recipe.run.seed
@@ -362,6 +365,10 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
     if recipe.llm is not None:
         tokenizer = make_tokenizer(recipe, [s for s in (train_set, val_set) if s is not None],
                                    [p for p in (out if resume else None, init_dir) if p is not None])
+        if isinstance(tokenizer, WordTokenizer) and acc.is_main_process:
+            # now, so that a resumed run reads the same vocabulary; atomically, other processes may read it
+            tokenizer.save(out / ".tokenizer.json.tmp")
+            os.replace(out / ".tokenizer.json.tmp", out / "tokenizer.json")
 
     # model
     cfg = recipe.viq_config()
@@ -422,8 +429,6 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
         return ConversationDataset(samples.samples, tokenizer, recipe.llm.template if recipe.llm else "plain", resize,
                                    max_len, cfg.vit.patch, projector_tokens, tok_id, name=name)
 
-    if tokenizer is None:
-        raise ConfigError("training without an LLM (llm: null) is not implemented yet: the data path needs a tokenizer")
     train_ds = dataset(train_set, "train")
     counts = None
     if d.max_tokens_per_batch:
@@ -479,8 +484,6 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
                            "reinitialised": init_report.reinitialised, "fresh": len(init_report.fresh)}
     if acc.is_main_process:
         write_safetensors(trained_state(final_model), state_path, metadata={"format": "viq-training-state"})
-        if isinstance(tokenizer, WordTokenizer):
-            tokenizer.save(out / "tokenizer.json")
         info = {"format": "viq-training-state", "version": 1, "stage": recipe.run.stage,
                 "quantizer": student.kind, "codebook_size": student.codebook_size, "steps": result.steps,
                 "vocab_size": len(tokenizer) if tokenizer is not None else None,
