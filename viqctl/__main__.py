@@ -37,6 +37,7 @@ COMMANDS = [
     ("evaluate", "evaluate", "eval"),
     ("weights", "convert", "convert"),
     ("weights", "verify", "verify"),
+    ("data", "shapes", "shapes"),
     ("train", "train", "train"),
     ("download", "download", "download"),
     ("bench", "bench", "bench"),

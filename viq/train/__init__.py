@@ -2,4 +2,19 @@
 
 from viq.train.recipe import Recipe, list_stages, load_recipe, parse_override, validate_recipe
 
-__all__ = ["Recipe", "list_stages", "load_recipe", "parse_override", "validate_recipe"]
+
+def __getattr__(name):
+    # Lazy: importing the loop pulls in transformers/peft/accelerate.
+    if name in ("train", "TrainResult"):
+        from viq.train import run
+
+        return getattr(run, name)
+    if name == "ProgressEvent":
+        from viq.train.loop import ProgressEvent
+
+        return ProgressEvent
+    raise AttributeError(name)
+
+
+__all__ = ["Recipe", "list_stages", "load_recipe", "parse_override", "validate_recipe", "train", "TrainResult",
+           "ProgressEvent"]

@@ -341,8 +341,16 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
     on the others, with the sample indices that process read. ``eval_limit`` caps the held-out
     samples evaluated; ``eval_at_start`` also measures the untrained model (the "before" numbers).
     """
+    if recipe.run.task == "mllm_offline":  # MLLM on codes from a code store
+        from viq.train.offline_stage import train_offline
+
+        return train_offline(recipe, progress=progress, resume=resume, eval_limit=eval_limit)
+    if recipe.run.task == "decoder":  # pixel decoder on a frozen tokenizer
+        from viq.train.decoder_stage import train_decoder
+
+        return train_decoder(recipe, progress=progress, resume=resume, eval_limit=eval_limit)
     if recipe.run.task != "tokenizer":
-        raise ConfigError(f"run.task {recipe.run.task!r} is not implemented by viq.train yet (only 'tokenizer')")
+        raise ConfigError(f"run.task {recipe.run.task!r} is not implemented")
     if recipe.llm is None:
         raise ConfigError("training without an LLM (llm: null) is not implemented yet: the data path needs a tokenizer")
     resume = recipe.runtime.resume if resume is None else resume
