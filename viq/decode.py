@@ -17,6 +17,7 @@ import torch
 from viq.errors import ConfigError, StoreError
 from viq.packing import batches_by_budget
 from viq.store import CodeStore
+from viq.weights.io import publish
 from viq.tokenizer import ViQTokenizer
 
 
@@ -67,7 +68,7 @@ def write_png(img: torch.Tensor, path: Path) -> None:
     os.close(fd)
     try:
         Image.fromarray(img.numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -18,6 +18,18 @@ import torch
 from viq.errors import WeightsError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp, path) -> None:
+    """Give a finished temp file normal permissions (mkstemp makes it 0600) and rename it into place."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.pth``/``.pt``/``.bin`` (weights only) or ``.safetensors``."""
     path = Path(path)
@@ -57,7 +69,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -73,7 +85,7 @@ def write_json(obj, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
