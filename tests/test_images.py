@@ -2,7 +2,6 @@
 
 import io
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
