@@ -22,7 +22,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError, field_validator, model_validator)
 
-from viq.config import FSQ_PRESETS, ViQConfig, preset_config, tiny_config
+from viq.config import FSQ_PRESETS, PixelDecoderConfig, ViQConfig, preset_config, tiny_config
 from viq.errors import ConfigError, RecipeError
 
 Arch = Literal["giant", "so400m", "tiny"]
@@ -224,9 +224,15 @@ class DecoderSection(_Section):
     kl: LossTerm = Field(default_factory=lambda: LossTerm(weight=1e-6))
     gan: GanLoss = Field(default_factory=GanLoss)
     repa: RepaLoss = Field(default_factory=RepaLoss)
+    #: run.task decoder: the pixel decoder's architecture (viq.config.PixelDecoderConfig). None = its
+    #: defaults; width (when not given) follows the tokenizer's features, repa_dim (when not given and
+    #: REPA is on) the REPA encoder's width.
+    pixel: Optional[PixelDecoderConfig] = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.pixel is not None and self.target != "pixel":
+            raise ValueError("decoder.pixel (the pixel decoder's architecture) needs target: pixel")
         pixel_terms = [n for n in ("mse", "lpips", "kl", "gan", "repa") if getattr(self, n).enabled]
         if self.target == "latent" and pixel_terms:
             raise ValueError(f"{', '.join(pixel_terms)} need target: pixel (the latent target uses "
@@ -476,6 +482,10 @@ class Recipe(_Section):
             problems.append("data.code_store is only read by run.task mllm_offline")
         if task == "decoder" and not self.decoder.enabled:
             problems.append("run.task decoder needs decoder.enabled: true")
+        if task == "decoder" and self.decoder.target != "pixel":
+            problems.append("run.task decoder trains on pixels: set decoder.target: pixel")
+        if task != "decoder" and self.decoder.pixel is not None:
+            problems.append("decoder.pixel is only read by run.task decoder")
         if self.runtime.eval_every and not self.data.val_path:
             problems.append("runtime.eval_every needs data.val_path")
         if self.llm and self.llm.projector.pool == "2x" and self.data.default_resize.patch % 32:

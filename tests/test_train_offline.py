@@ -1,0 +1,91 @@
+"""The offline MLLM stage (run.task: mllm_offline) on a tiny random tokenizer's code store."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from viq.config import tiny_config
+from viq.data import make_shapes_dataset
+from viq.demo import random_model_dir
+from viq.encode import EncodeOptions, encode_to_store
+from viq.errors import StoreError
+from viq.sources import collect_sources
+from viq.tokenizer import load_tokenizer
+from viq.train.loop import ProgressEvent
+from viq.train.offline_stage import group_rows
+from viq.train.recipe import load_recipe
+from viq.train.run import train
+from viq.weights.io import read_tensors
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mllm-offline.yaml"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline-stage")
+    random_model_dir(root / "models" / "viq-tiny", tiny_config("16k"), seed=0)
+    data = root / "data"
+    make_shapes_dataset(data, n_train=12, n_val=4, seed=1, min_side=32, max_side=64, resize=None)
+    tok = load_tokenizer(root / "models" / "viq-tiny", parts=("encoder",), device="cpu")
+    summary = encode_to_store(collect_sources([str(data)]), tok, data / "codes", {},
+                              EncodeOptions(workers=1))
+    assert summary.encoded == 16 and not summary.failed
+    return root
+
+
+def recipe_for(root: Path, out: str, *extra: str):
+    return load_recipe(RECIPE, "tiny", [f"paths.models={root / 'models'}", f"paths.data={root / 'data'}",
+                                        f"run.output_dir={root / out}", "data.val_path=${data}/val.jsonl",
+                                        "optim.schedule.warmup_ratio=0.0", "optim.schedule.min_lr_ratio=1.0",
+                                        *extra])
+
+
+def test_group_rows_mirrors_packing():
+    # rows of 10: [6] [6 3] [9] [5 5] -> 2 rows per batch: [[a, b, c], [d, e, f]]
+    lengths = [6, 6, 3, 9, 5, 5, None, 11]
+    assert group_rows(range(8), lengths, 10, 2) == [[0, 1, 2], [3, 4, 5]]
+    assert group_rows(range(8), lengths, 10, 1) == [[0], [1, 2], [3], [4, 5]]
+
+
+def test_trains_and_writes_outputs(world):
+    events: list[ProgressEvent] = []
+    res = train(recipe_for(world, "run", "optim.max_steps=4", "runtime.save_every=2"), progress=events.append,
+                eval_limit=4)
+    assert res.steps == 4 and len(res.history) == 4 and res.viq_dir is None
+    for rec in res.history:
+        assert math.isfinite(rec["loss"]) and rec["tokens_per_s"] > 0 and rec["lr"] > 0
+    kinds = {e.kind for e in events}
+    assert {"start", "step", "log", "save", "eval", "end"} <= kinds
+    m = json.loads((res.out_dir / "metrics.json").read_text())
+    assert math.isfinite(m["final_loss"]) and 0.0 <= m["eval"]["token_accuracy"] <= 1.0
+    state = read_tensors(res.state_path)
+    assert any(k.startswith("image_encoder.projector.") for k in state)
+    assert any("lora_" in k for k in state)
+    assert not any(k.startswith("image_encoder.embedder.") for k in state)  # frozen: not saved
+    assert (res.out_dir / "tokenizer.json").is_file() and res.checkpoint.name.endswith("4")
+
+
+def test_resume_is_exact(world):
+    full = train(recipe_for(world, "full", "optim.max_steps=4", "runtime.save_every=2"), eval_limit=1)
+    half = train(recipe_for(world, "split", "optim.max_steps=4", "runtime.save_every=2", "optim.max_steps=2"),
+                 eval_limit=1)
+    rest = train(recipe_for(world, "split", "optim.max_steps=4", "runtime.save_every=2"), resume=True, eval_limit=1)
+    assert rest.resumed_from is not None and rest.steps == 4 and len(rest.history) == 2
+    got = [r["loss"] for r in half.history + rest.history]
+    assert got == pytest.approx([r["loss"] for r in full.history], rel=1e-5, abs=1e-7)
+    a, b = read_tensors(full.state_path), read_tensors(rest.state_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_missing_image_id_is_a_store_error(world, tmp_path):
+    rows = [json.loads(x) for x in (world / "data" / "train.jsonl").read_text().splitlines()]
+    rows[0]["image"][0]["img_path"] = "images/train/not-encoded.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(StoreError, match="not-encoded.png.*viqctl encode"):
+        train(recipe_for(world, "bad", f"data.path={bad}", "optim.max_steps=1"))
