@@ -34,9 +34,14 @@ def warn_if_random(model_dir) -> None:
         return
     from viq.demo import is_random
 
-    if is_random(meta.get("source")):
+    source = meta.get("source") or {}
+    if is_random(source):
         err.print("[bold yellow]warning:[/] this model has RANDOM weights (not trained): its codes and "
                   "reconstructions carry no meaning. Pass --model with trained weights.", highlight=False)
+    elif source.get("drawer_vae") == "random" and "drawer" in (meta.get("parts") or {}):
+        err.print("[bold yellow]note:[/] this model's drawer was trained against a RANDOM VAE (no Qwen-Image "
+                  "weights were available), so VAE-path reconstructions do not resemble the input; its codes "
+                  "and features are trained.", highlight=False)
 
 
 def distributed():

@@ -502,7 +502,9 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
             viq_dir = out / "viq"
             save_viq(student.viq_state(), cfg, viq_dir,
                      source_info={"kind": "viq-training", "recipe": recipe.run.name, "stage": recipe.run.stage,
-                                  "steps": result.steps, "fingerprint": recipe_fingerprint(recipe)})
+                                  "steps": result.steps, "fingerprint": recipe_fingerprint(recipe),
+                                  # a random frozen VAE makes the drawer's pictures meaningless: say so
+                                  "drawer_vae": recipe.decoder.vae_path or "random"})
             info["viq_dir"] = "viq"
         write_json(info, out / INFO_FILE)
         write_json(metrics, out / "metrics.json")
