@@ -26,7 +26,7 @@ def device_of(device: str) -> str | None:
     return None if device == "auto" else device
 
 
-def warn_if_random(model_dir) -> None:
+def warn_if_random(model_dir, parts=("drawer",)) -> None:
     """Say plainly when weights are a random initialisation."""
     try:
         meta = json.loads((Path(model_dir) / "config.json").read_text())
@@ -38,7 +38,7 @@ def warn_if_random(model_dir) -> None:
     if is_random(source):
         err.print("[bold yellow]warning:[/] this model has RANDOM weights (not trained): its codes and "
                   "reconstructions carry no meaning. Pass --model with trained weights.", highlight=False)
-    elif source.get("drawer_vae") == "random" and "drawer" in (meta.get("parts") or {}):
+    elif source.get("drawer_vae") == "random" and "drawer" in parts and "drawer" in (meta.get("parts") or {}):
         err.print("[bold yellow]note:[/] this model's drawer was trained against a RANDOM VAE (no Qwen-Image "
                   "weights were available), so VAE-path reconstructions do not resemble the input; its codes "
                   "and features are trained.", highlight=False)

@@ -26,7 +26,7 @@ def _open(store_dir: Path, model: Optional[str], models_dir, device, dtype, part
     if source is None:
         raise StoreError(f"{store_dir}: the manifest names no model; pass --model")
     path = resolve_source(source, models_dir_of(models_dir))
-    warn_if_random(path)
+    warn_if_random(path, parts)
     tok = load_tokenizer(path, parts=parts, device=device_of(device), dtype=dtype)
     return store, tok
 

@@ -47,7 +47,7 @@ def encode(
         sources = collect_sources(inputs)
         src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
-            warn_if_random(src_path)
+            warn_if_random(src_path, parts=())
         tok = load_tokenizer(src_path, parts=("encoder",), device=dist_device or device_of(device), dtype=dtype)
         if rank == 0 and tok.report and tok.report.layout == "reference":
             err.print(f"loaded reference layout ({tok.report.recognised})", highlight=False)

@@ -57,14 +57,14 @@ def evaluate(
 
             store = CodeStore(first)
             src = resolve_source(model or store.manifest["model"]["source"], models_dir_of(models_dir))
-            warn_if_random(src)
+            warn_if_random(src, parts)
             tok = load_tokenizer(src, parts=parts[1:], device=device_of(device), dtype=dtype)
             result = evaluate_store(tok, store, decoder, perceptual, fid_net, grid)
         else:
             from viq.sources import collect_sources
 
             src = resolve_source(model, models_dir_of(models_dir))
-            warn_if_random(src)
+            warn_if_random(src, parts)
             tok = load_tokenizer(src, parts=parts, device=device_of(device), dtype=dtype)
             paths = [s.path for s in collect_sources(inputs)]
             result = evaluate_sources(tok, paths, resize, decoder, perceptual, fid_net, grid)
