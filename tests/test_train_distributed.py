@@ -1,7 +1,7 @@
-"""Two CPU processes launched by torchrun (gloo): each trains on its own shard of the data.
+"""Two CPU processes launched by ``accelerate launch`` (gloo): each trains on its own shard of the data.
 
-On CPU, ``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.x
-(multi-CPU needs mpirun), so the launcher is torchrun; ``Accelerator`` picks up its environment.
+On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes 2`` runs its torchrun
+launcher and the processes come up as MULTI_CPU (``--cpu --num_processes 2`` would start only one).
 """
 
 import json
@@ -45,8 +45,10 @@ def test_two_processes_train_on_disjoint_shards(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
     overrides = [f"paths.data={tmp_path / 'shapes'}", f"run.output_dir={tmp_path / 'runs'}", "optim.max_steps=2",
                  "data.micro_batch_size=2", "runtime.save_every=2", "runtime.log_every=1", "data.num_workers=0"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path), str(TINY), *overrides]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+           "--main_process_port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path), str(TINY), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
