@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from viqctl.common import DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, device_of
-from viqctl.console import cli_errors, err, out, print_json
+from viqctl.console import cli_errors, out, print_json
 
 
 def _config(path: Optional[Path]):

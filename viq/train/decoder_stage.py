@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,26 +184,14 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     from viq.model.pixel_decoder import PixelDecoder
     from viq.tokenizer import load_tokenizer
     from viq.train.decoder_losses import DecoderLoss, DecoderLossWeights
-    from viq.train.run import TrainResult, make_accelerator, read_data, recipe_fingerprint
+    from viq.train.run import TrainResult, frozen_tokenizer_dir, read_data, recipe_fingerprint, start_run
     from viq.weights.io import write_json, write_safetensors
     from viq.weights.save import save_viq
 
-    if recipe.model.init_ckpt is None or recipe.model.init_stage:
-        raise ConfigError("run.task decoder needs model.init_ckpt: a trained tokenizer's viq weights directory")
-    init = Path(recipe.model.init_ckpt).expanduser()
-    if not (init / "config.json").is_file():
-        raise WeightsError(f"model.init_ckpt {init}: not a viq weights directory (no config.json)")
-    resume = recipe.runtime.resume if resume is None else resume
-    acc = make_accelerator(recipe)
+    init = frozen_tokenizer_dir(recipe, "a trained tokenizer's viq weights directory")
+    acc, resume, out = start_run(recipe, resume)
     dev = acc.device
     seed = recipe.run.seed
-    torch.manual_seed(seed + acc.process_index)
-    random.seed(seed + acc.process_index)
-    np.random.seed(seed + acc.process_index)
-    out = recipe.out_dir
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
 
     # frozen tokenizer (fp32: its parts are written back unchanged)
     parts = _source_parts(init)

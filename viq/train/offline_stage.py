@@ -33,12 +33,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from viq.errors import ConfigError, WeightsError
@@ -122,28 +120,15 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
                                   expanded_length, packed_batches)
     from viq.store import CodeStore
     from viq.tokenizer import load_tokenizer
-    from viq.train.run import TrainResult, make_accelerator, make_tokenizer, recipe_fingerprint
+    from viq.train.run import TrainResult, frozen_tokenizer_dir, make_tokenizer, recipe_fingerprint, start_run
     from viq.weights.io import write_json, write_safetensors
 
     if recipe.llm is None:
         raise ConfigError("run.task mllm_offline needs an llm section")
-    if recipe.model.init_ckpt is None or recipe.model.init_stage:
-        raise ConfigError("run.task mllm_offline needs model.init_ckpt: the viq weights directory the code store "
-                          "was encoded with (its decoder part embeds the codes)")
-    init = Path(recipe.model.init_ckpt).expanduser()
-    if not (init / "config.json").is_file():
-        raise WeightsError(f"model.init_ckpt {init}: not a viq weights directory (no config.json)")
-    resume = recipe.runtime.resume if resume is None else resume
-    acc = make_accelerator(recipe)
+    init = frozen_tokenizer_dir(recipe, "the viq weights directory the code store was encoded with (its decoder part embeds the codes)")
+    acc, resume, out = start_run(recipe, resume)
     dev = acc.device
     seed = recipe.run.seed
-    torch.manual_seed(seed + acc.process_index)
-    random.seed(seed + acc.process_index)
-    np.random.seed(seed + acc.process_index)
-    out = recipe.out_dir
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
 
     # frozen embedder + the store it made
     d = recipe.data

@@ -331,6 +331,31 @@ def recipe_fingerprint(recipe) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def start_run(recipe, resume: Optional[bool]):
+    """What every task starts with: the accelerator, per-rank seeds, the output folder with the recipe."""
+    resume = recipe.runtime.resume if resume is None else resume
+    acc = make_accelerator(recipe)
+    seed = recipe.run.seed
+    torch.manual_seed(seed + acc.process_index)
+    random.seed(seed + acc.process_index)
+    np.random.seed(seed + acc.process_index)
+    out = recipe.out_dir
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(recipe.to_yaml())
+    return acc, resume, out
+
+
+def frozen_tokenizer_dir(recipe, why: str) -> Path:
+    """``model.init_ckpt`` as the viq weights directory a decoder / MLLM stage builds on."""
+    if recipe.model.init_ckpt is None or recipe.model.init_stage:
+        raise ConfigError(f"run.task {recipe.run.task} needs model.init_ckpt: {why}")
+    init = Path(recipe.model.init_ckpt).expanduser()
+    if not (init / "config.json").is_file():
+        raise WeightsError(f"model.init_ckpt {init}: not a viq weights directory (no config.json)")
+    return init
+
+
 def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[bool] = None,
           eval_limit: Optional[int] = None, eval_at_start: bool = True) -> TrainResult:
     """Train the ViQ tokenizer as ``recipe`` says; returns metrics and where everything was written.
@@ -353,16 +378,8 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
         raise ConfigError(f"run.task {recipe.run.task!r} is not implemented")
     if recipe.llm is None:
         raise ConfigError("training without an LLM (llm: null) is not implemented yet: the data path needs a tokenizer")
-    resume = recipe.runtime.resume if resume is None else resume
-    acc = make_accelerator(recipe)
+    acc, resume, out = start_run(recipe, resume)
     seed = recipe.run.seed
-    torch.manual_seed(seed + acc.process_index)
-    random.seed(seed + acc.process_index)
-    np.random.seed(seed + acc.process_index)
-    out = recipe.out_dir
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
     init_dir = recipe.init_path if recipe.model.init_stage else None
 
     # data

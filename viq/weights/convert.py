@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from viq.config import ViQConfig, fsq_levels, fsq_size_name
 from viq.errors import ConfigError, KeyMismatchError, WeightsError
-from viq.model.viq_model import part_of
 from viq.quant.fsq import FSQ
 from viq.weights import keymaps
 from viq.weights.formats import (check_keys, expected_shapes, infer_reference_config, is_viq_dir, load_state,
