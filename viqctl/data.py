@@ -18,8 +18,10 @@ def shapes(
     json_out: bool = JsonOpt,
     debug: bool = DebugOpt,
 ):
-    """Write the synthetic shapes dataset (coloured shapes at varied sizes and aspect ratios, captions
-    that state them) in the training data format.
+    """Write the synthetic shapes dataset the tiny recipes train on.
+
+    Coloured shapes at varied sizes, positions and aspect ratios, with captions that state them,
+    in the training data format (JSONL conversations + PNGs).
 
     Example: viqctl shapes --out data/shapes && viqctl train --recipe recipes/tiny.yaml --stage 1
     """

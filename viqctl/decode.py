@@ -53,7 +53,7 @@ def reconstruct(
     json_out: bool = JsonOpt,
     debug: bool = DebugOpt,
 ):
-    """Draw codes back into images through the Qwen-Image VAE decoder.
+    """Draw codes back into images (Qwen-Image VAE path, or --decoder pixel).
 
     Example: viqctl reconstruct codes/ --out recon/
 
