@@ -132,3 +132,23 @@ def test_convert_cli_json_summary(tmp_path):
     assert set(res["parts"]) == {"encoder", "pool", "decoder", "drawer"}
     p = cli("convert", tmp_path / "nothing.pth", "--out", tmp_path / "o2")
     assert p.returncode == 2 and "nothing.pth" in p.stderr
+
+
+def test_convert_accepts_a_viq_training_run_folder(tmp_path):
+    from viq.config import tiny_config
+    from viq.demo import random_model_dir
+    from viq.errors import WeightsError
+
+    run = tmp_path / "run"
+    random_model_dir(run / "viq", tiny_config("4k"), seed=3)
+    (run / "training.json").write_text("{}")
+    report = convert(run, tmp_path / "out")
+    assert report.kind == "viq training run" and report.levels == [8, 8, 4, 4, 4]
+    a = load_tokenizer(run / "viq", parts=("encoder", "decoder"), device="cpu").model.state_dict()
+    b = load_tokenizer(tmp_path / "out", parts=("encoder", "decoder"), device="cpu").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "training.json").write_text("{}")
+    with pytest.raises(WeightsError, match="no finished weights"):
+        convert(unfinished, tmp_path / "out2")

@@ -141,11 +141,17 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
             "model_viq_fsq"):
         cfg, state, recognised, dropped, adaptations = convert_training_checkpoint(src, lv, config)
         kind, digest = "reference training checkpoint", sha256_file(src)
-    elif src.is_dir() and (src / "viq-training.json").is_file():
-        from viq.train.checkpoint import export_weights  # viq's own training runs
-
-        cfg, state, recognised = export_weights(src)
-        kind, digest, dropped, adaptations = "viq training checkpoint", None, {}, []
+    elif src.is_dir() and (src / "training.json").is_file():
+        # viq's own training run folder: its inference weights are written to <run>/viq at the end
+        weights = src / "viq"
+        if not is_viq_dir(weights):
+            raise WeightsError(f"{src}: this training run has no finished weights in {weights} (only FSQ runs that "
+                               "completed write them); resume it to the end, or convert a finished run")
+        cfg, state, report = load_state(weights, config=config)
+        if lv is not None and list(cfg.head.levels) != list(lv):
+            raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
+        recognised, dropped, adaptations = report.recognised, report.dropped, []
+        kind, digest = "viq training run", None
     else:
         cfg, state, report = load_state(src, config=config)
         if lv is not None and list(cfg.head.levels) != list(lv):
