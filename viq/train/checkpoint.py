@@ -208,6 +208,33 @@ def write_checkpoint(root: Path, step: int, model_tensors: dict[str, torch.Tenso
         raise
 
 
+def save_step(acc, root: Path, step: int, write_main_files, keep_last: int) -> Path:
+    """The whole atomic save protocol, for every process of a run.
+
+    Main process opens a temp dir; every process writes its RNG state; main process writes the rest
+    (``write_main_files(tmp)``), renames the temp dir into place and prunes old checkpoints. A
+    failure removes the temp dir, so only complete checkpoints ever carry a step name.
+    """
+    tmp = tmp_dir(root, step)
+    main = acc.is_main_process
+    try:
+        if main:
+            begin(root, step)
+        acc.wait_for_everyone()
+        write_rank_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if main:
+            write_main_files(tmp)
+            commit(tmp, root, step)
+            prune(root, keep_last)
+    except BaseException:
+        if main:
+            abort(tmp)
+        raise
+    acc.wait_for_everyone()
+    return step_dir(root, step)
+
+
 def prune(root: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest complete checkpoints; returns the deleted ones."""
     done = complete_checkpoints(root)

@@ -272,29 +272,16 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
             log.info("resuming from %s (step %d)", last, step)
 
     def save() -> Path:
-        tmp = ckpt.tmp_dir(root, step)
-        try:
-            if acc.is_main_process:
-                ckpt.begin(root, step)
-            acc.wait_for_everyone()
-            ckpt.write_rank_rng(tmp, acc.process_index)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                if dopt is not None:
-                    t, meta = ckpt.flatten_optimizer(dopt.state_dict())
-                    ckpt.save_tensors(t, tmp / f"{DISC_OPT}.safetensors")
-                    ckpt.save_json(meta, tmp / f"{DISC_OPT}.json")
-                state = {"step": step, "epoch": epoch, "batch": batch_pos, "scheduler": sched.state_dict(),
-                         "skipped": skipped[:100], "fingerprint": fingerprint, "task": "decoder"}
-                ckpt.write_main(tmp, model_tensors(), opt.state_dict(), state)
-                ckpt.commit(tmp, root, step)
-                ckpt.prune(root, recipe.runtime.keep_last)
-        except BaseException:
-            if acc.is_main_process:
-                ckpt.abort(tmp)
-            raise
-        acc.wait_for_everyone()
-        final = ckpt.step_dir(root, step)
+        def write(tmp):
+            if dopt is not None:
+                t, meta = ckpt.flatten_optimizer(dopt.state_dict())
+                ckpt.save_tensors(t, tmp / f"{DISC_OPT}.safetensors")
+                ckpt.save_json(meta, tmp / f"{DISC_OPT}.json")
+            state = {"step": step, "epoch": epoch, "batch": batch_pos, "scheduler": sched.state_dict(),
+                     "skipped": skipped[:100], "fingerprint": fingerprint, "task": "decoder"}
+            ckpt.write_main(tmp, model_tensors(), opt.state_dict(), state)
+
+        final = ckpt.save_step(acc, root, step, write, recipe.runtime.keep_last)
         emit("save", {"checkpoint": str(final)})
         return final
 

@@ -486,24 +486,11 @@ class Trainer:
         acc = self.acc
         if acc.distributed_type.name == "DEEPSPEED":
             return self._save_deepspeed()
-        tmp = ckpt.tmp_dir(root, self.step)
-        try:
-            if self.is_main:
-                ckpt.begin(root, self.step)
-            acc.wait_for_everyone()
-            ckpt.write_rank_rng(tmp, acc.process_index)
-            acc.wait_for_everyone()
-            if self.is_main:
-                model = acc.unwrap_model(self.model)
-                ckpt.write_main(tmp, trained_state(model), self.optimizer.state_dict(), self._state())
-                ckpt.commit(tmp, root, self.step)
-                ckpt.prune(root, self.cfg.keep_last)
-        except BaseException:
-            if self.is_main:
-                ckpt.abort(tmp)
-            raise
-        acc.wait_for_everyone()
-        final = ckpt.step_dir(root, self.step)
+        def write(tmp):
+            model = acc.unwrap_model(self.model)
+            ckpt.write_main(tmp, trained_state(model), self.optimizer.state_dict(), self._state())
+
+        final = ckpt.save_step(acc, root, self.step, write, self.cfg.keep_last)
         self._emit("save", {"checkpoint": str(final)})
         return final
 

@@ -250,25 +250,12 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
             progress(ProgressEvent(kind, step, steps, metrics or {}, [], message))
 
     def save() -> Path:
-        tmp = ckpt.tmp_dir(root, step)
-        try:
-            if acc.is_main_process:
-                ckpt.begin(root, step)
-            acc.wait_for_everyone()
-            ckpt.write_rank_rng(tmp, acc.process_index)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state = {"step": step, "epoch": epoch, "batch": batch_pos, "scheduler": sched.state_dict(),
-                         "skipped": skipped[:100], "fingerprint": fingerprint, "task": TASK}
-                ckpt.write_main(tmp, model_tensors(), opt.state_dict(), state)
-                ckpt.commit(tmp, root, step)
-                ckpt.prune(root, recipe.runtime.keep_last)
-        except BaseException:
-            if acc.is_main_process:
-                ckpt.abort(tmp)
-            raise
-        acc.wait_for_everyone()
-        final = ckpt.step_dir(root, step)
+        def write(tmp):
+            state = {"step": step, "epoch": epoch, "batch": batch_pos, "scheduler": sched.state_dict(),
+                     "skipped": skipped[:100], "fingerprint": fingerprint, "task": TASK}
+            ckpt.write_main(tmp, model_tensors(), opt.state_dict(), state)
+
+        final = ckpt.save_step(acc, root, step, write, recipe.runtime.keep_last)
         emit("save", {"checkpoint": str(final)})
         return final
 
