@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from viq.data.conversations import (IMAGE_PLACEHOLDER_ID, ImageRef, Resize, Sample, TextTokenizer,
+from viq.data.conversations import (IMAGE_PLACEHOLDER_ID, BadSample, ImageRef, Resize, Sample, TextTokenizer,
                                     encode_conversation)
 from viq.errors import ConfigError, ViQError
 from viq.images import DEFAULT_MAX_PIXELS, load_rgb, to_pixels
@@ -35,15 +35,8 @@ class Item:
     source: str = ""  # the data set's name: with index, a unique key of the sample
 
 
-@dataclass(frozen=True)
-class Skipped:
-    index: int
-    id: Optional[str]
-    reason: str
-
-    def __str__(self) -> str:
-        name = f" (id {self.id})" if self.id is not None else ""
-        return f"sample {self.index}{name}: {self.reason}"
+#: A sample left out at run time: the same record as a sample rejected when the data is read.
+Skipped = BadSample
 
 
 def _read_image(ref: ImageRef, max_pixels: Optional[int]) -> Image.Image:
