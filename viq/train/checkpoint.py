@@ -292,6 +292,30 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, load_json(path / STATE_FILE), load_tensors(path / "model.safetensors"))
 
 
+def open_for_resume(root: Path, fingerprint: Optional[str] = None, task: Optional[str] = None) -> Optional[Checkpoint]:
+    """The newest complete checkpoint under ``root`` (None: start fresh), checked to belong to ``task``.
+
+    A checkpoint written by a different recipe is still resumed (the caller may have changed, say,
+    max_steps on purpose); the mismatch is logged.
+    """
+    import logging
+
+    log = logging.getLogger("viq.train")
+    last = latest_checkpoint(root)
+    if last is None:
+        log.info("resume asked but no checkpoint in %s: starting fresh", root)
+        return None
+    c = read_checkpoint(last)
+    if task is not None and c.state.get("task") not in (None, task):
+        from viq.errors import WeightsError
+
+        raise WeightsError(f"{last} was written by run.task {c.state.get('task')!r}, not {task}")
+    if fingerprint and c.state.get("fingerprint") and c.state["fingerprint"] != fingerprint:
+        log.warning("%s was written by a different recipe; continuing anyway", last)
+    log.info("resuming from %s (step %s)", last, c.state.get("step"))
+    return c
+
+
 def write_state_file(obj: dict, path: Path) -> None:
     """Atomic small JSON (metrics, summaries)."""
     write_json(obj, path)

@@ -246,30 +246,23 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     fingerprint = recipe_fingerprint(recipe)
     root = out / "checkpoints"
     resumed_from = None
-    if resume:
-        last = ckpt.latest_checkpoint(root)
-        if last is None:
-            log.info("resume asked but no checkpoint in %s: starting fresh", root)
-        else:
-            c = ckpt.read_checkpoint(last)
-            st = c.state
-            if st.get("fingerprint") and st["fingerprint"] != fingerprint:
-                log.warning("%s was written by a different recipe; continuing anyway", last)
-            raw_dec.load_state_dict({k[len("pixel_decoder."):]: v for k, v in c.model.items()
-                                     if k.startswith("pixel_decoder.")})
-            opt.load_state_dict(c.optimizer_state())
-            sched.load_state_dict(st["scheduler"])
-            if raw_disc is not None:
-                raw_disc.load_state_dict({k[len("discriminator."):]: v for k, v in c.model.items()
-                                          if k.startswith("discriminator.")})
-                if (last / f"{DISC_OPT}.safetensors").is_file():
-                    dopt.load_state_dict(ckpt.unflatten_optimizer(ckpt.load_tensors(last / f"{DISC_OPT}.safetensors"),
-                                                                  ckpt.load_json(last / f"{DISC_OPT}.json")))
-            step, epoch, batch_pos = int(st["step"]), int(st["epoch"]), int(st["batch"])
-            skipped = list(st.get("skipped", []))
-            c.restore_rng(acc.process_index)
-            resumed_from = last
-            log.info("resuming from %s (step %d)", last, step)
+    c = ckpt.open_for_resume(root, fingerprint, "decoder") if resume else None
+    if c is not None:
+        last, st = c.path, c.state
+        raw_dec.load_state_dict({k[len("pixel_decoder."):]: v for k, v in c.model.items()
+                                 if k.startswith("pixel_decoder.")})
+        opt.load_state_dict(c.optimizer_state())
+        sched.load_state_dict(st["scheduler"])
+        if raw_disc is not None:
+            raw_disc.load_state_dict({k[len("discriminator."):]: v for k, v in c.model.items()
+                                      if k.startswith("discriminator.")})
+            if (last / f"{DISC_OPT}.safetensors").is_file():
+                dopt.load_state_dict(ckpt.unflatten_optimizer(ckpt.load_tensors(last / f"{DISC_OPT}.safetensors"),
+                                                              ckpt.load_json(last / f"{DISC_OPT}.json")))
+        step, epoch, batch_pos = int(st["step"]), int(st["epoch"]), int(st["batch"])
+        skipped = list(st.get("skipped", []))
+        c.restore_rng(acc.process_index)
+        resumed_from = last
 
     def save() -> Path:
         def write(tmp):

@@ -221,29 +221,20 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     fingerprint = recipe_fingerprint(recipe)
     root = out / "checkpoints"
     resumed_from = None
-    if resume:
-        last = ckpt.latest_checkpoint(root)
-        if last is None:
-            log.info("resume asked but no checkpoint in %s: starting fresh", root)
-        else:
-            c = ckpt.read_checkpoint(last)
-            st = c.state
-            if st.get("task") not in (None, TASK):
-                raise WeightsError(f"{last} was written by run.task {st.get('task')!r}, not {TASK}")
-            if st.get("fingerprint") and st["fingerprint"] != fingerprint:
-                log.warning("%s was written by a different recipe; continuing anyway", last)
-            missing, unexpected = raw.load_state_dict(c.model, strict=False)
-            absent = [k for k in model_tensors() if k not in c.model]
-            if unexpected or absent:
-                raise WeightsError(f"{last}: does not match this model (missing {absent[:3]}, unexpected "
-                                   f"{list(unexpected)[:3]})")
-            opt.load_state_dict(c.optimizer_state())
-            sched.load_state_dict(st["scheduler"])
-            step, epoch, batch_pos = int(st["step"]), int(st["epoch"]), int(st["batch"])
-            skipped = list(st.get("skipped", skipped))
-            c.restore_rng(acc.process_index)
-            resumed_from = last
-            log.info("resuming from %s (step %d)", last, step)
+    c = ckpt.open_for_resume(root, fingerprint, TASK) if resume else None
+    if c is not None:
+        last, st = c.path, c.state
+        missing, unexpected = raw.load_state_dict(c.model, strict=False)
+        absent = [k for k in model_tensors() if k not in c.model]
+        if unexpected or absent:
+            raise WeightsError(f"{last}: does not match this model (missing {absent[:3]}, unexpected "
+                               f"{list(unexpected)[:3]})")
+        opt.load_state_dict(c.optimizer_state())
+        sched.load_state_dict(st["scheduler"])
+        step, epoch, batch_pos = int(st["step"]), int(st["epoch"]), int(st["batch"])
+        skipped = list(st.get("skipped", skipped))
+        c.restore_rng(acc.process_index)
+        resumed_from = last
 
     def emit(kind, metrics=None, message=""):
         if progress is not None and acc.is_main_process:
