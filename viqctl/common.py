@@ -56,5 +56,14 @@ def distributed():
     return state.process_index, state.num_processes, state.wait_for_everyone, str(state.device)
 
 
+def close_distributed():
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort a rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def models_dir_of(path: Optional[Path]):
     return Path(path).expanduser() if path else None

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           distributed, models_dir_of, warn_if_random)
+                           close_distributed, distributed, models_dir_of, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json
 
 
@@ -77,6 +77,7 @@ def encode(
             parts = [None] * world
             dist.all_gather_object(parts, summary.as_dict())
             summary = merge_summaries(parts)
+            close_distributed()
             if rank != 0:
                 raise typer.Exit(1 if summary.failed else 0)
         if json_out:
