@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixture_config, reference_dir_with_config
+from conftest import reference_dir_with_config
 from viq.tokenizer import load_tokenizer
 
 ALL = ("encoder", "pool", "decoder", "drawer")

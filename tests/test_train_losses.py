@@ -6,7 +6,7 @@ import torch
 
 from viq.train.loop import make_scheduler, param_groups
 from viq.train.losses import CodebookUsage, distill_loss, latent_mse, weighted_total
-from viq.train.recipe import ScheduleSection
+from viq.train.recipe.schema import ScheduleSection
 
 
 def test_distill_is_one_minus_cosine():

@@ -1,22 +1,14 @@
-"""Typed training recipes: a YAML base config, named stages that override it, dotted overrides.
+"""The recipe schema: every training knob is a typed field of one section.
 
-The schema replaces the reference's ~80 environment switches (reference-training.md §1.3). Every
-knob is a field; a typo is an error that names the dotted key and the nearest valid name; options
-that the model cannot honour are rejected instead of being silently ignored.
-
-Resolution order: file (``extends`` parent first) -> ``stages[stage]`` -> ``key.path=value``
-overrides -> ``${name}`` substitution from ``paths:`` -> validation.
+A typo is an error that names the dotted key and the nearest valid name; options the model cannot
+honour are rejected instead of being silently ignored.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import math
-import re
-import types
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
@@ -24,6 +16,9 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 
 from viq.config import FSQ_PRESETS, PixelDecoderConfig, ViQConfig, preset_config, tiny_config
 from viq.errors import ConfigError, RecipeError
+from viq.train.recipe.problems import problems
+from viq.train.recipe.tree import deep_merge
+
 
 Arch = Literal["giant", "so400m", "tiny"]
 
@@ -534,11 +529,11 @@ class Recipe(_Section):
                                     slots=4 if h.token_shuffle else 1, residual_mlps=h.residual_mlps)
                 if q.attn_dim is not None:
                     data["head"]["fsq_attn_dim"] = q.attn_dim
-            data["drawer"] = _deep_merge(data["drawer"], m.drawer)
+            data["drawer"] = deep_merge(data["drawer"], m.drawer)
             data["drawer"].update(adapter_blocks=d.adapter_blocks, latent_upsample=d.latent_upsample)
             out = ViQConfig.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError("\n".join(_problems(exc, ViQConfig, prefix=("model",)))) from None
+            raise RecipeError("\n".join(problems(exc, ViQConfig, prefix=("model",)))) from None
         except RecipeError:
             raise
         except (ConfigError, ValueError) as exc:
@@ -565,268 +560,3 @@ class Recipe(_Section):
         """The resolved recipe as YAML; loading it back gives an equal Recipe."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=None,
                               allow_unicode=True, width=100)
-
-
-# ---- loading ----------------------------------------------------------------------------------
-
-_FILE_KEYS = ("extends", "stages")  # consumed while reading a file; not part of a resolved Recipe
-_VAR = re.compile(r"\$\{([^}]*)\}")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 only accepts ``1.0e-4``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _yaml(text: str, where: str):
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{where}: invalid YAML: {exc}") from None
-
-
-def _read_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """A recipe file as a dict, with its ``extends`` parent merged underneath."""
-    path = Path(path)
-    if path.resolve() in chain:
-        raise RecipeError(f"{path}: 'extends' loops back to itself")
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    data = _yaml(path.read_text(encoding="utf-8"), str(path))
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    parent = data.pop("extends", None)
-    if parent is not None:
-        data = _deep_merge(_read_file(path.parent / str(parent), chain + (path.resolve(),)), data)
-    return data
-
-
-def _deep_merge(base: Any, over: Any) -> Any:
-    """Dicts merge key by key; anything else (lists, scalars, null) replaces."""
-    if not (isinstance(base, dict) and isinstance(over, dict)):
-        return copy.deepcopy(over)
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if k in out else copy.deepcopy(v)
-    return out
-
-
-def _stages(raw: dict, where: str) -> dict[str, dict]:
-    stages = raw.get("stages") or {}
-    if not isinstance(stages, dict):
-        raise RecipeError(f"{where}: stages must map stage names to override sections")
-    out = {}
-    for name, over in stages.items():
-        if over is not None and not isinstance(over, dict):
-            raise RecipeError(f"{where}: stages.{name} must be a mapping of overrides")
-        out[str(name)] = over or {}
-    return out
-
-
-def list_stages(path: Union[str, Path]) -> list[str]:
-    """Stage names of a recipe file, in file order."""
-    return list(_stages(_read_file(Path(path)), str(path)))
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003); the value is read as YAML."""
-    key, sep, raw = str(text).partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise RecipeError(f"override {text!r} must look like key.path=value (e.g. optim.lr=3e-4)")
-    return parts, _yaml(raw, f"override {text!r}") if raw.strip() else None
-
-
-def _apply_override(tree: dict, text: str) -> None:
-    parts, value = parse_override(text)
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        elif not isinstance(nxt, dict):
-            raise RecipeError(f"override {text!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _substitute(tree: dict) -> dict:
-    """Replace ``${name}`` by ``paths[name]`` in every string (paths may refer to each other)."""
-    paths = tree.get("paths") or {}
-    if not isinstance(paths, dict):
-        raise RecipeError("paths must map names to strings")
-    done: dict[str, str] = {}
-
-    def var(name: str, where: str, chain: tuple[str, ...]) -> str:
-        if name in done:
-            return done[name]
-        if name not in paths:
-            close = difflib.get_close_matches(name, list(paths), n=1)
-            hint = (f"did you mean ${{{close[0]}}}?" if close
-                    else f"define it under paths: (defined: {', '.join(paths) or 'none'})")
-            raise RecipeError(f"{where}: unknown variable ${{{name}}}; {hint}")
-        if name in chain:
-            loop = " -> ".join(chain + (name,))
-            raise RecipeError(f"paths.{name}: variables refer to each other in a loop ({loop})")
-        done[name] = sub(str(paths[name]), f"paths.{name}", chain + (name,))
-        return done[name]
-
-    def sub(s: str, where: str, chain: tuple[str, ...] = ()) -> str:
-        return _VAR.sub(lambda m: var(m.group(1).strip(), where, chain), s)
-
-    def walk(node: Any, where: str) -> Any:
-        if isinstance(node, str):
-            return sub(node, where)
-        if isinstance(node, dict):
-            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
-        return node
-
-    out = walk({k: v for k, v in tree.items() if k != "paths"}, "")
-    if "paths" in tree:
-        out = {"paths": {k: var(str(k), f"paths.{k}", ()) for k in paths}, **out}
-    return out
-
-
-def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
-    """Validate an already-merged recipe dict (no stages, overrides or variables left)."""
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_report(source, _problems(exc, Recipe))) from None
-    try:
-        recipe.viq_config()
-    except RecipeError as exc:
-        raise RecipeError(_report(source, str(exc).split("\n"))) from None
-    return recipe
-
-
-def load_recipe(path: Union[str, Path], stage: Optional[str] = None,
-                overrides: Iterable[str] = ()) -> Recipe:
-    """Read, merge (base + stage + ``key.path=value`` overrides), substitute ``${...}`` and validate."""
-    return _load(Path(path), stage, list(overrides), ())
-
-
-def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[str, ...]) -> Recipe:
-    raw = _read_file(path)
-    stages = _stages(raw, str(path))
-    data = {k: v for k, v in raw.items() if k != "stages"}
-    source = str(path)
-    if stage is not None:
-        stage = str(stage)
-        if stage not in stages:
-            close = difflib.get_close_matches(stage, list(stages), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            names = ", ".join(stages) or "none (base only)"
-            raise RecipeError(f"{path}: no stage {stage!r}{hint}; stages: {names}")
-        data = _deep_merge(data, stages[stage])
-        source = f"{path} [stage {stage}]"
-    for text in overrides:
-        _apply_override(data, text)
-    if stage is not None and isinstance(data.get("run", {}), dict):
-        data.setdefault("run", {})["stage"] = stage
-    recipe = validate_recipe(_substitute(data), source)
-    if recipe.model.init_stage and stages:  # a resolved printout has no stages left to compare with
-        _check_handover(path, recipe, stages, overrides, chain + (stage or "",), source)
-    return recipe
-
-
-def _check_handover(path: Path, recipe: Recipe, stages: dict, overrides: list[str], chain: tuple[str, ...],
-                    source: str) -> None:
-    """A stage that starts from another must share its ViT; a changed quantizer needs reinit_mismatched.
-
-    The source stage is resolved with the same overrides (minus the hand-over keys themselves),
-    since a user passes the same ``key=value`` to every stage of one progression.
-    """
-    src = recipe.model.init_stage
-    if src not in stages:
-        raise RecipeError(f"{source}: model.init_stage {src!r} is not a stage of this recipe "
-                          f"({', '.join(stages) or 'none'})")
-    if src in chain:
-        raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
-    shared = [o for o in overrides if not o.strip().startswith(("model.init_", "model.reinit_mismatched"))]
-    before = _load(path, src, shared, chain)
-    if before.viq_config().vit != recipe.viq_config().vit:
-        raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
-    old, new = _quantizer_shape(before), _quantizer_shape(recipe)
-    if old is not None and new is not None and old != new and not recipe.model.reinit_mismatched:
-        raise RecipeError(
-            f"{source}: starts from stage {src!r} whose head differs ({_fmt_shape(old)} -> {_fmt_shape(new)}); "
-            "tensors such as the quantizer's project_in/project_out change shape. Set "
-            "model.reinit_mismatched: true to re-initialise them on purpose (they are reported at load)")
-
-
-def _quantizer_shape(r: Recipe):
-    if r.head is None:
-        return None
-    q = r.head.quantizer
-    width = len(q.levels) if q.type == "fsq" else q.bottleneck_dim
-    return (q.type, width, q.codebook_size, q.pre_attn_blocks, r.head.token_shuffle, r.head.pre_blocks,
-            r.head.residual_mlps)
-
-
-def _fmt_shape(s) -> str:
-    return f"{s[0]} width {s[1]}, {s[3]} RoPE blocks"
-
-
-# ---- readable validation errors ---------------------------------------------------------------
-
-
-def _section_class(annotation) -> Optional[type]:
-    if get_origin(annotation) in (Union, types.UnionType):
-        for arg in get_args(annotation):
-            found = _section_class(arg)
-            if found is not None:
-                return found
-        return None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _class_at(root: type, loc: tuple) -> Optional[type]:
-    cls = root
-    for part in loc:
-        if cls is None or not isinstance(part, str) or part not in cls.model_fields:
-            return None
-        cls = _section_class(cls.model_fields[part].annotation)
-    return cls
-
-
-def _describe(err: dict, root: type, prefix: tuple) -> str:
-    loc = tuple(err["loc"])
-    where = ".".join(str(p) for p in prefix + loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        parent = _class_at(root, loc[:-1])
-        names = list(parent.model_fields) if parent else []
-        if parent is Recipe:
-            names += _FILE_KEYS
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
-        if close:
-            nearest = ".".join(str(p) for p in prefix + loc[:-1] + (close[0],))
-            return f"{where}: unknown key; did you mean {nearest!r}?"
-        return f"{where}: unknown key; valid keys here: {', '.join(names)}"
-    msg = err["msg"].removeprefix("Value error, ")
-    value = err.get("input")
-    if err["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
-        msg += f" (got {value!r})"
-    return f"{where}: {msg}"
-
-
-def _problems(exc: ValidationError, root: type, prefix: tuple = ()) -> list[str]:
-    """One line per problem, each starting with its dotted key."""
-    lines = []
-    for err in exc.errors():
-        if not err["loc"] and err["type"] == "value_error":  # cross-field rules name their own keys
-            lines += err["msg"].removeprefix("Value error, ").split("\n")
-        else:
-            lines.append(_describe(err, root, prefix))
-    return list(dict.fromkeys(lines))
-
-
-def _report(source: str, lines: list[str]) -> str:
-    return f"{source} is invalid:\n" + "\n".join(f"  - {line}" for line in lines)

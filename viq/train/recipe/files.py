@@ -1,0 +1,134 @@
+"""Reading recipe files: ``extends`` parents, named stages, overrides, variables, then validation.
+
+A stage that starts from another (``model.init_stage``) is checked against it here, so a mismatched
+hand-over fails when the recipe is read rather than after the first stage has trained.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from pydantic import ValidationError
+
+from viq.errors import RecipeError
+from viq.train.recipe.problems import problems, report
+from viq.train.recipe.schema import Recipe
+from viq.train.recipe.tree import apply_override, deep_merge, load_yaml, substitute
+
+FILE_KEYS = ("extends", "stages")  # consumed while reading a file; not part of a resolved Recipe
+
+
+def _read_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a dict, with its ``extends`` parent merged underneath."""
+    path = Path(path)
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: 'extends' loops back to itself")
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = deep_merge(_read_file(path.parent / str(parent), chain + (path.resolve(),)), data)
+    return data
+
+
+def _stages(raw: dict, where: str) -> dict[str, dict]:
+    stages = raw.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise RecipeError(f"{where}: stages must map stage names to override sections")
+    out = {}
+    for name, over in stages.items():
+        if over is not None and not isinstance(over, dict):
+            raise RecipeError(f"{where}: stages.{name} must be a mapping of overrides")
+        out[str(name)] = over or {}
+    return out
+
+
+def list_stages(path: Union[str, Path]) -> list[str]:
+    """Stage names of a recipe file, in file order."""
+    return list(_stages(_read_file(Path(path)), str(path)))
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """Validate an already-merged recipe dict (no stages, overrides or variables left)."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(report(source, problems(exc, Recipe, top_keys=FILE_KEYS))) from None
+    try:
+        recipe.viq_config()
+    except RecipeError as exc:
+        raise RecipeError(report(source, str(exc).split("\n"))) from None
+    return recipe
+
+
+def load_recipe(path: Union[str, Path], stage: Optional[str] = None,
+                overrides: Iterable[str] = ()) -> Recipe:
+    """Read, merge (base + stage + ``key.path=value`` overrides), substitute ``${...}`` and validate."""
+    return _load(Path(path), stage, list(overrides), ())
+
+
+def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[str, ...]) -> Recipe:
+    raw = _read_file(path)
+    stages = _stages(raw, str(path))
+    data = {k: v for k, v in raw.items() if k != "stages"}
+    source = str(path)
+    if stage is not None:
+        stage = str(stage)
+        if stage not in stages:
+            close = difflib.get_close_matches(stage, list(stages), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            names = ", ".join(stages) or "none (base only)"
+            raise RecipeError(f"{path}: no stage {stage!r}{hint}; stages: {names}")
+        data = deep_merge(data, stages[stage])
+        source = f"{path} [stage {stage}]"
+    for text in overrides:
+        apply_override(data, text)
+    if stage is not None and isinstance(data.get("run", {}), dict):
+        data.setdefault("run", {})["stage"] = stage
+    recipe = validate_recipe(substitute(data), source)
+    if recipe.model.init_stage and stages:  # a resolved printout has no stages left to compare with
+        _check_handover(path, recipe, stages, overrides, chain + (stage or "",), source)
+    return recipe
+
+
+def _check_handover(path: Path, recipe: Recipe, stages: dict, overrides: list[str], chain: tuple[str, ...],
+                    source: str) -> None:
+    """A stage that starts from another must share its ViT; a changed quantizer needs reinit_mismatched.
+
+    The source stage is resolved with the same overrides (minus the hand-over keys themselves),
+    since a user passes the same ``key=value`` to every stage of one progression.
+    """
+    src = recipe.model.init_stage
+    if src not in stages:
+        raise RecipeError(f"{source}: model.init_stage {src!r} is not a stage of this recipe "
+                          f"({', '.join(stages) or 'none'})")
+    if src in chain:
+        raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
+    shared = [o for o in overrides if not o.strip().startswith(("model.init_", "model.reinit_mismatched"))]
+    before = _load(path, src, shared, chain)
+    if before.viq_config().vit != recipe.viq_config().vit:
+        raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
+    old, new = _quantizer_shape(before), _quantizer_shape(recipe)
+    if old is not None and new is not None and old != new and not recipe.model.reinit_mismatched:
+        raise RecipeError(
+            f"{source}: starts from stage {src!r} whose head differs ({_fmt_shape(old)} -> {_fmt_shape(new)}); "
+            "tensors such as the quantizer's project_in/project_out change shape. Set "
+            "model.reinit_mismatched: true to re-initialise them on purpose (they are reported at load)")
+
+
+def _quantizer_shape(r: Recipe):
+    if r.head is None:
+        return None
+    q = r.head.quantizer
+    width = len(q.levels) if q.type == "fsq" else q.bottleneck_dim
+    return (q.type, width, q.codebook_size, q.pre_attn_blocks, r.head.token_shuffle, r.head.pre_blocks,
+            r.head.residual_mlps)
+
+
+def _fmt_shape(s) -> str:
+    return f"{s[0]} width {s[1]}, {s[3]} RoPE blocks"
