@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -94,11 +95,8 @@ def bench(
                 workdir=str(workdir) if workdir else None)
         except ValueError as exc:  # pydantic's ValidationError
             raise ConfigError(f"invalid bench options: {exc}") from None
-        if plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise ConfigError("--plot needs matplotlib: pip install 'viq[plot]'") from None
+        if plot is not None and importlib.util.find_spec("matplotlib") is None:  # fail before the long run
+            raise ConfigError("--plot needs matplotlib: pip install 'viq[plot]'")
         cfg = cfg.resolved()
         err.print(f"bench on {cfg.device} ({cfg.dtype}, attention {cfg.attn}): LLM {','.join(cfg.llms)}, "
                   f"encoder {cfg.encoder}, seq {','.join(map(str, cfg.seq_lens))}, images "
