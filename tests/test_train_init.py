@@ -6,7 +6,7 @@ import torch
 
 from viq.config import ViTConfig
 from viq.model.student import new_vit
-from viq.train.loop import LossPlan, TrainModel
+from viq.train.model import LossPlan, TrainModel
 from viq.train.recipe import load_recipe
 from viq.train.run import apply_init, build_student, detect_format, init_tensors
 from viq.weights import keymaps

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from viq.train.loop import make_scheduler, param_groups
+from viq.train.optim import make_scheduler, param_groups
 from viq.train.losses import CodebookUsage, distill_loss, latent_mse, weighted_total
 from viq.train.recipe.schema import ScheduleSection
 

@@ -14,7 +14,7 @@ from viq.encode import EncodeOptions, encode_to_store
 from viq.errors import StoreError
 from viq.sources import collect_sources
 from viq.tokenizer import load_tokenizer
-from viq.train.loop import ProgressEvent
+from viq.train.progress import ProgressEvent
 from viq.train.offline_stage import group_rows
 from viq.train.recipe import load_recipe
 from viq.train.run import train

@@ -83,7 +83,7 @@ def test_mismatched_shapes_need_reinit_on_purpose(staged):
     from safetensors.torch import load_file
 
     root, results, _ = staged
-    from viq.train.loop import LossPlan, TrainModel
+    from viq.train.model import LossPlan, TrainModel
     from viq.train.run import build_student
 
     recipe = tiny(root, "2-2")

@@ -134,6 +134,11 @@ class Batch:
     def n_samples(self) -> int:
         return len(self.indices)
 
+    def to(self, device) -> "Batch":
+        """Move the images (the only tensors; ids stay lists) to ``device``, in place."""
+        self.images = [t.to(device, non_blocking=True) for t in self.images]
+        return self
+
     def patch_tokens(self, patch: int = 16) -> int:
         return sum(math.ceil(t.shape[1] / patch) * math.ceil(t.shape[2] / patch) for t in self.images)
 

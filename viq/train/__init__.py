@@ -10,7 +10,7 @@ def __getattr__(name):
 
         return getattr(run, name)
     if name == "ProgressEvent":
-        from viq.train.loop import ProgressEvent
+        from viq.train.progress import ProgressEvent
 
         return ProgressEvent
     raise AttributeError(name)

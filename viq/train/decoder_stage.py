@@ -52,7 +52,8 @@ from viq.errors import ConfigError, ViQError, WeightsError
 from viq.images import to_pixels
 from viq.nn.vit import Packing
 from viq.train import checkpoint as ckpt
-from viq.train.loop import ProgressEvent, ProgressFn, make_optimizer, make_scheduler, total_steps
+from viq.train.optim import make_optimizer, make_scheduler, total_steps
+from viq.train.progress import ProgressEvent, ProgressFn
 
 log = logging.getLogger("viq.train.decoder")
 

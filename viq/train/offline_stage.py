@@ -12,7 +12,7 @@
   Each rank plans its micro-batches from the samples' packed lengths (computed once at start, one
   code-store read per image) and every rank takes the same number (the fewest any rank has), so
   DDP never waits on a missing step.
-* Optimizer: AdamW (``viq.train.loop.make_optimizer``: only parameters that require gradients, no
+* Optimizer: AdamW (``viq.train.optim.make_optimizer``: only parameters that require gradients, no
   decay on biases/norms), ``optim.schedule`` (``lr_factor``), grad accumulation (``optim.grad_accum``
   micro-batches per step) and clipping, mixed precision through accelerate (``make_accelerator``).
 * Checkpoints (``viq.train.checkpoint``, atomic) every ``runtime.save_every`` steps and at the end:
@@ -41,7 +41,8 @@ import torch
 
 from viq.errors import ConfigError, WeightsError
 from viq.train import checkpoint as ckpt
-from viq.train.loop import ProgressEvent, ProgressFn, make_optimizer, make_scheduler, total_steps
+from viq.train.optim import make_optimizer, make_scheduler, total_steps
+from viq.train.progress import ProgressEvent, ProgressFn
 
 log = logging.getLogger("viq.train.offline")
 

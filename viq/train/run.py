@@ -37,8 +37,12 @@ from viq.mllm.model import MLLM, Projector, build_llm
 from viq.model.student import Student
 from viq.quant import build_quantizer
 from viq.train import checkpoint as ckpt
-from viq.train.loop import (EvalSpec, FrozenTargets, LoopConfig, LossPlan, ProgressFn, Trainer, TrainModel,
-                            total_steps, trained_state)
+from viq.train.evaluate import EvalSpec
+from viq.train.loop import LoopConfig, Trainer
+from viq.train.model import LossPlan, TrainModel, trained_state
+from viq.train.optim import total_steps
+from viq.train.progress import ProgressFn
+from viq.train.targets import FrozenTargets
 from viq.train.teacher import build_teacher, trunk_tensors, trunk_to_vit
 from viq.weights.io import read_tensors, write_json, write_safetensors
 
