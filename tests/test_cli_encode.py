@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from viq.config import tiny_config
@@ -91,21 +92,37 @@ def test_bad_inputs_never_stop_the_run(model, images, tmp_path):
     (images / "text.jpg").write_text("not an image")
     good = (images / "r0.png").read_bytes()
     (images / "trunc.png").write_bytes(good[: len(good) // 2])
+    from test_images import png_header_only
+
+    (images / "bomb.png").write_bytes(png_header_only(100000, 50000))
+    listing = tmp_path / "more.txt"  # a list file naming a file that is not there
+    listing.write_text("gone.png\n")
     store = tmp_path / "store"
-    p = run("encode", images, "--model", model, "--out", store, "--json", check=1)
+    p = run("encode", images, listing, "--model", model, "--out", store, "--json", check=1)
     summary = json.loads(p.stdout)
-    assert summary["encoded"] == 9 and summary["failed"] == 3
+    assert summary["encoded"] == 9 and summary["failed"] == 5
     reasons = {f["id"]: f["reason"] for f in summary["failures"]}
-    assert "empty" in reasons["empty.png"] and "trunc.png" in reasons["trunc.png"]
+    for name, why in [("empty.png", "empty"), ("text.jpg", "not an image"), ("trunc.png", ""),
+                      ("bomb.png", "decompression bomb"), ("gone.png", "cannot read")]:
+        assert name in reasons[name] and why in reasons[name], reasons[name]  # one line naming file and reason
     listed = [json.loads(line)["id"] for line in (store / "failures.jsonl").read_text().splitlines()]
-    assert sorted(listed) == ["empty.png", "text.jpg", "trunc.png"]
+    assert sorted(listed) == ["bomb.png", "empty.png", "gone.png", "text.jpg", "trunc.png"]
 
 
-def test_usage_errors_exit_2(model, tmp_path):
+def test_usage_errors_exit_2(model, images, tmp_path):
     p = run("encode", tmp_path / "missing", "--model", model, "--out", tmp_path / "s", check=2)
     assert "missing" in p.stderr
-    p = run("encode", tmp_path, "--model", tmp_path / "nomodel", "--out", tmp_path / "s", check=2)
+    (tmp_path / "empty").mkdir()
+    p = run("encode", tmp_path / "empty", "--model", model, "--out", tmp_path / "s", check=2)
+    assert "holds no image files" in p.stderr
+    p = run("encode", images, "--model", tmp_path / "nomodel", "--out", tmp_path / "s", check=2)
     assert "nomodel" in p.stderr
+    p = run("encode", images, "--model", model, "--out", tmp_path / "s", "--device", "gpu", check=2)
+    assert "unknown device 'gpu'" in p.stderr and "Traceback" not in p.stderr
+    if not torch.cuda.is_available():
+        p = run("encode", images, "--model", model, "--out", tmp_path / "s", "--device", "cuda", check=2)
+        assert "CUDA is not available" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "s").exists()  # nothing written by a run that could not start
 
 
 def test_resume_after_kill_equals_uninterrupted_run(model, images, tmp_path):

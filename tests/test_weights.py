@@ -109,6 +109,22 @@ def test_viq_format_round_trip_and_strictness(tmp_path):
         load_tokenizer(out, parts=("decoder",), device="cpu")
 
 
+def test_viq_config_beside_reference_files_names_their_architecture(tmp_path):
+    """The config.json that `viqctl convert` writes may be copied beside .pth files of another
+    architecture: it then names the architecture and the .pth files are loaded (parts or not)."""
+    d = reference_dir_with_config(tmp_path, "16k")
+    meta = load_tokenizer(d, parts=("encoder",), device="cpu").save_pretrained(tmp_path / "viq")
+    img = torch.rand(3, 32, 48) * 2 - 1
+    want = load_tokenizer(d, parts=("encoder",), device="cpu").encode([img])[0]
+    for with_parts in (True, False):
+        cfg = dict(meta) if with_parts else {k: v for k, v in meta.items() if k != "parts"}
+        (d / "config.json").unlink()
+        (d / "config.json").write_text(json.dumps(cfg))
+        tok = load_tokenizer(d, parts=("encoder",), device="cpu")
+        assert tok.report.layout == "reference"
+        assert torch.equal(tok.encode([img])[0], want)
+
+
 @pytest.mark.parametrize("make,label", [(giant_config, "giant"), (so400m_config, "so400m")])
 def test_released_shapes_are_recognised_without_config(make, label):
     cfg = make("8k")

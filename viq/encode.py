@@ -77,7 +77,7 @@ def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter
         try:
             digest = sha256_file(src.path)
         except OSError as exc:
-            return src, None, None, f"cannot read ({exc.strerror or exc})"
+            return src, None, None, f"{src.path}: cannot read ({exc.strerror or exc})"
         if not writer.needs_encoding(src.id, digest):
             return src, digest, None, None
         try:

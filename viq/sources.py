@@ -40,7 +40,7 @@ def collect_sources(inputs: list[str], recursive: bool = True) -> list[Source]:
     list's folder; id = the path as written), a ``.jsonl`` list (``{"path"|"image": ..., "id"?:
     ...}`` per line), any other file (id = its file name) or a glob pattern (image files only;
     id = path relative to the pattern's fixed leading folders). A missing input or a glob that
-    matches no image is a ``ConfigError``. The same file reached twice is kept once; two different
+    matches no image, or a folder without one, is a ``ConfigError``. The same file reached twice is kept once; two different
     files with the same id are a ``ConfigError`` listing them (give explicit ids in a .jsonl list,
     or pass a common parent folder).
     """
@@ -89,6 +89,9 @@ def _walk(root: Path, recursive: bool) -> list[Source]:
             if not f.startswith(".") and is_image_name(f):
                 path = Path(folder) / f
                 out.append(Source(path.relative_to(root).as_posix(), _absolute(path)))
+    if not out:
+        raise ConfigError(f"folder {str(root)!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}"
+                          f"{'' if recursive else '; subfolders not searched'})")
     return out
 
 

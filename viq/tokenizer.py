@@ -23,6 +23,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device=None) -> str:
+    """A device this machine has, or a ConfigError saying why not (rather than a CUDA assertion later)."""
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r}: only cpu and cuda are supported")
+    return str(dev)
+
+
 def resolve_dtype(dtype, device: str) -> torch.dtype:
     """Default: float32 on CPU, bfloat16 on CUDA."""
     if dtype is None or dtype == "auto":
@@ -160,7 +179,7 @@ def load_tokenizer(source=None, parts: Sequence[str] = ("encoder", "decoder", "d
     """
     from viq.weights.formats import load_model
 
-    device = device or default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = resolve_source(source, models_dir)
     model, cfg, report = load_model(path, parts=[p for p in ALL_PARTS if p in parts], dtype=dtype,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from viq.config import ViQConfig, giant_config, so400m_config, tiny_config
@@ -147,13 +146,9 @@ class BenchConfig(BaseModel):
 
     def resolved(self) -> "BenchConfig":
         """A copy with every default filled for the device it will run on."""
-        from viq.tokenizer import resolve_dtype
+        from viq.tokenizer import resolve_device, resolve_dtype
 
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        device = resolve_device(self.device)
         gpu = device.startswith("cuda")
         dtype = str(resolve_dtype(self.dtype, device)).replace("torch.", "")
         attn = self.attn

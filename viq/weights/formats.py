@@ -287,9 +287,16 @@ def is_viq_dir(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == VIQ_FORMAT
+        meta = json.loads(cfg.read_text())
     except Exception:
         return False
+    if not isinstance(meta, dict) or meta.get("format") != VIQ_FORMAT:
+        return False
+    # a viq config.json copied beside reference-layout .pth files only names their architecture
+    entries = [e for e in (meta.get("parts") or {}).values() if isinstance(e, dict) and e.get("file")]
+    if any(Path(path).glob("model_viq_fsq_*.pth")) and not any((Path(path) / e["file"]).is_file() for e in entries):
+        return False
+    return True
 
 
 # ---- public --------------------------------------------------------------------------------------
