@@ -162,6 +162,19 @@ def test_cross_field_rules(tmp_path, override, message):
         load_recipe(_write(tmp_path, MINIMAL), overrides=[override])
 
 
+@pytest.mark.parametrize("recipe,stage,override", [
+    ("mllm-offline.yaml", "tiny", "data.num_workers=2"),
+    ("mllm-offline.yaml", "tiny", "data.max_tokens_per_batch=512"),
+    ("mllm-offline.yaml", "tiny", "data.default_resize.base=448"),
+    ("tiny-decoder.yaml", None, "data.packing=false"),
+])
+def test_keys_a_task_does_not_read_are_refused(recipe, stage, override):
+    load_recipe(RECIPES / recipe, stage)  # the shipped recipe itself is fine
+    key = override.split("=")[0].split(".")[:2]
+    with pytest.raises(RecipeError, match=f"{'.'.join(key)} is not read by run.task"):
+        load_recipe(RECIPES / recipe, stage, [override])
+
+
 def test_handover_needs_reinit(tmp_path):
     with pytest.raises(RecipeError, match="reinit_mismatched"):
         load_recipe(RECIPES / "tiny.yaml", "2-2", ["model.reinit_mismatched=false"])

@@ -24,3 +24,19 @@ def test_full_recipe_builds_on_meta(name, stage):
     assert all(p.is_meta for p in student.parameters())
     if recipe.model.arch == "giant":
         assert params > 1_000_000_000  # the released ViT-g/16 + head
+
+
+ZERO = [(p.name, s) for p in sorted(RECIPES.glob("*.yaml")) for s in [None] + list_stages(p)
+        if load_recipe(p, stage=s).runtime.deepspeed_zero]
+
+
+@pytest.mark.parametrize("name,stage", ZERO)
+def test_deepspeed_settings_need_no_dataloader(name, stage):
+    """accelerate refuses to prepare DeepSpeed without a DataLoader unless the micro-batch size is an integer."""
+    from viq.train.run import deepspeed_plugin
+
+    recipe = load_recipe(RECIPES / name, stage=stage)
+    cfg = deepspeed_plugin(recipe).deepspeed_config
+    assert cfg["train_micro_batch_size_per_gpu"] == recipe.data.micro_batch_size
+    assert cfg["zero_optimization"]["stage"] == recipe.runtime.deepspeed_zero
+    assert cfg["gradient_accumulation_steps"] == recipe.optim.grad_accum

@@ -39,6 +39,7 @@ def train(
         if print_config:
             out.print(rec.to_yaml(), highlight=False, markup=False, soft_wrap=True)
             return
+        from viq.train.progress import format_metrics
         from viq.train.run import train as run_train
 
         columns = [TextColumn("[bold]train {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
@@ -48,15 +49,22 @@ def train(
 
             def progress(ev):
                 nonlocal task
+                if not ev.main:
+                    return
                 if task is None:
                     task = bar.add_task("train", total=ev.total or None, stage=stage or "", info="")
+                m = ev.metrics
                 if ev.kind == "step":
-                    m = ev.metrics
-                    info = " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, (int, float)) and
-                                    k in ("loss", "lr", "tokens_per_s", "codebook_usage"))
+                    info = " ".join(f"{k}={m[k]:.4g}" for k in ("loss", "lr") if isinstance(m.get(k), (int, float)))
                     bar.update(task, completed=ev.step, info=info)
-                elif ev.kind in ("eval", "save", "log") and ev.message:
-                    err.print(ev.message, highlight=False)
+                elif ev.kind == "log" and not json_out:  # the window's means, codebook usage, tokens/s
+                    shown = {k: v for k, v in m.items() if k != "step"}
+                    err.print(f"[dim]step {ev.step}/{ev.total}[/] {format_metrics(shown)}", highlight=False)
+                elif ev.kind == "eval" and not json_out:
+                    label = m.get("label", f"step {ev.step}")
+                    err.print(f"[bold]eval ({label})[/] {format_metrics(m)}", highlight=False)
+                elif ev.kind == "save" and not json_out:
+                    err.print(f"[dim]checkpoint {m.get('checkpoint', '')}[/]", highlight=False)
 
             result = run_train(rec, progress=progress, resume=resume)
         summary = {"out_dir": str(result.out_dir), "stage": result.stage, "steps": result.steps,

@@ -53,7 +53,7 @@ from viq.images import to_pixels
 from viq.nn.vit import Packing
 from viq.train import checkpoint as ckpt
 from viq.train.optim import make_optimizer, make_scheduler, total_steps
-from viq.train.progress import ProgressEvent, ProgressFn
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
 
 log = logging.getLogger("viq.train.decoder")
 
@@ -317,6 +317,21 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     rt = recipe.runtime
     history: list[dict] = []
     last_ckpt = None
+    writer = MetricsWriter(out / "tensorboard" if rt.tensorboard and acc.is_main_process else None)
+    val_images = ImageDataset(val_set.samples, resize, patch) if val_set is not None else None
+    evals: dict = {}
+
+    def run_eval(label: str) -> dict:
+        """Pixel decoder vs the tokenizer's VAE path on held-out images."""
+        raw_dec.eval()
+        metrics = evaluate(tok, raw_dec, val_images, eval_limit, lpips, dev)
+        raw_dec.train()
+        if acc.is_main_process:
+            log.info("eval (%s): %s", label, format_metrics(metrics))
+        writer.scalars("eval", metrics, step)
+        emit("eval", {"label": label, **metrics})
+        return metrics
+
     t0 = time.time()
     decoder.train()
     if disc is not None:
@@ -369,17 +384,19 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
             raise FloatingPointError(f"step {step}: non-finite loss terms {bad}")
         emit("step", rec)
         if step % rt.log_every == 0 or step == steps:
-            log.info("step %d/%d %s", step, steps, " ".join(f"{k}={v:.4g}" for k, v in sums.items()))
+            log.info("step %d/%d %s", step, steps, format_metrics(sums))
+            writer.scalars("train", rec, step)
             emit("log", rec)
+        if val_images is not None and rt.eval_every and step % rt.eval_every == 0 and step != steps:
+            evals[f"step-{step}"] = run_eval(f"step {step}")
         if step % rt.save_every == 0 or step == steps:
             last_ckpt = save()
     elapsed = time.time() - t0
 
-    # evaluation: pixel decoder vs the tokenizer's VAE path on held-out images
+    if val_images is not None:
+        evals["final"] = run_eval("final")
     raw_dec.eval()
-    evals = {}
-    if val_set is not None:
-        evals = evaluate(tok, raw_dec, ImageDataset(val_set.samples, resize, patch), eval_limit, lpips, dev)
+    writer.close()
 
     # outputs
     viq_dir = out / "viq"
@@ -387,7 +404,8 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     metrics = {"run": recipe.run.name, "stage": recipe.run.stage, "task": "decoder", "steps": step,
                "elapsed_s": round(elapsed, 2), "processes": acc.num_processes, "tokenizer": str(init),
                "pixel_decoder": pcfg.model_dump(mode="json"), "perceptual": perceptual_notes,
-               "train": history[-1] if history else None, "eval": evals, "skipped": skipped[:100]}
+               "train": history[-1] if history else None, "eval": evals.get("final", {}),
+               "eval_during": {k: v for k, v in evals.items() if k != "final"}, "skipped": skipped[:100]}
     if acc.is_main_process:
         write_safetensors({k: v.detach().cpu().contiguous() for k, v in model_tensors().items()}, state_path,
                           metadata={"format": "viq-decoder-stage"})

@@ -23,7 +23,7 @@ from viq.train.evaluate import EvalSpec, evaluate
 from viq.train.losses import CodebookUsage
 from viq.train.model import TrainModel, load_exact, trained_state
 from viq.train.optim import make_optimizer, make_scheduler
-from viq.train.progress import ProgressEvent, ProgressFn
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
 from viq.train.targets import FrozenTargets
 
 log = logging.getLogger("viq.train")
@@ -105,7 +105,7 @@ class Trainer:
         self.evals: dict = {}
         self.history: list[dict] = []
         self.resumed_from: Optional[Path] = None
-        self.writer = None
+        self.writer = MetricsWriter(None)
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -196,8 +196,7 @@ class Trainer:
         if deepspeed_resume:
             acc.load_state(str(self._resume_ckpt.path / "accelerate"))
         self.targets.to(acc.device)
-        if cfg.tensorboard_dir is not None and self.is_main:
-            self.writer = _tensorboard(cfg.tensorboard_dir)
+        self.writer = MetricsWriter(cfg.tensorboard_dir if self.is_main else None)
         usage = None
         student = self.raw_model.student
         if student is not None and student.codebook_size:
@@ -264,8 +263,7 @@ class Trainer:
                 last_ckpt = self.save()
         if self.eval_spec is not None:
             self.evals["final"] = self._evaluate("final")
-        if self.writer is not None:
-            self.writer.close()
+        self.writer.close()
         self._emit("end", {"evals": self.evals})
         return LoopResult(self.step, self.history, self.evals, self.skipped, self.skipped_count, last_ckpt,
                           self.resumed_from, getattr(self, "last_log", {}), time.time() - t_start)
@@ -304,9 +302,7 @@ class Trainer:
         if self.is_main:
             shown = " ".join(f"{k}={v:.4g}" for k, v in out.items() if isinstance(v, float))
             log.info("step %d/%d %s", self.step, self.cfg.total_steps, shown)
-            if self.writer is not None:
-                for k, v in out.items():
-                    self.writer.add_scalar(f"train/{k}", v, self.step)
+            self.writer.scalars("train", out, self.step)
         self._emit("log", out)
         return out
 
@@ -314,32 +310,7 @@ class Trainer:
         metrics = evaluate(self.acc.unwrap_model(self.model) if hasattr(self, "model") else self.raw_model,
                            self.targets, self.eval_spec, self.acc)
         if self.is_main:
-            log.info("eval (%s): %s", label, _fmt(metrics))
-            if self.writer is not None:
-                for k, v in _flat(metrics).items():
-                    self.writer.add_scalar(f"eval/{k}", v, self.step)
+            log.info("eval (%s): %s", label, format_metrics(metrics))
+            self.writer.scalars("eval", metrics, self.step)
         self._emit("eval", {"label": label, **metrics})
         return metrics
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard not installed
-        log.info("tensorboard is not installed; no event files written")
-        return None
-    return SummaryWriter(str(path))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _fmt(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in _flat(metrics).items())

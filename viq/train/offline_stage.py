@@ -42,7 +42,7 @@ import torch
 from viq.errors import ConfigError, WeightsError
 from viq.train import checkpoint as ckpt
 from viq.train.optim import make_optimizer, make_scheduler, total_steps
-from viq.train.progress import ProgressEvent, ProgressFn
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
 
 log = logging.getLogger("viq.train.offline")
 
@@ -269,6 +269,19 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
     rt = recipe.runtime
     history: list[dict] = []
     last_ckpt = None
+    writer = MetricsWriter(out / "tensorboard" if rt.tensorboard and acc.is_main_process else None)
+    evals: dict = {}
+
+    def run_eval(label: str) -> dict:
+        raw.eval()
+        metrics = evaluate(raw, val_ds, eval_limit, L, tokens_fn, pad_id, R, dev, acc)
+        raw.train()
+        if acc.is_main_process:
+            log.info("eval (%s): %s", label, format_metrics(metrics))
+        writer.scalars("eval", metrics, step)
+        emit("eval", {"label": label, **metrics})
+        return metrics
+
     t0 = time.time()
     model.train()
     emit("start", {"total_steps": steps})
@@ -311,23 +324,24 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
             progress(ProgressEvent("step", step, steps, rec, indices, main=acc.is_main_process))
         if step % rt.log_every == 0 or step == steps:
             log.info("step %d/%d loss=%.4g lr=%.3g tokens/s=%.0f", step, steps, loss_sum, lr, rec["tokens_per_s"])
+            writer.scalars("train", rec, step)
             emit("log", rec)
+        if val_ds is not None and rt.eval_every and step % rt.eval_every == 0 and step != steps:
+            evals[f"step-{step}"] = run_eval(f"step {step}")
         if step % rt.save_every == 0 or step == steps:
             last_ckpt = save()
     elapsed = time.time() - t0
 
-    evals = {}
     if val_ds is not None:
-        raw.eval()
-        evals = evaluate(raw, val_ds, eval_limit, L, tokens_fn, pad_id, R, dev, acc)
-        raw.train()
-        emit("eval", evals)
+        evals["final"] = run_eval("final")
+    writer.close()
 
     state_path = out / "model.safetensors"
     metrics = {"run": recipe.run.name, "stage": recipe.run.stage, "task": TASK, "steps": step,
                "elapsed_s": round(elapsed, 2), "processes": acc.num_processes, "embedder": str(init),
                "code_store": str(store.root), "final_loss": history[-1]["loss"] if history else None,
-               "train": history[-1] if history else None, "eval": evals, "skipped": skipped[:100]}
+               "train": history[-1] if history else None, "eval": evals.get("final", {}),
+               "eval_during": {k: v for k, v in evals.items() if k != "final"}, "skipped": skipped[:100]}
     if acc.is_main_process:
         write_safetensors({k: v.detach().cpu().contiguous() for k, v in model_tensors().items()}, state_path,
                           metadata={"format": "viq-mllm-offline"})

@@ -1,9 +1,13 @@
-"""What a training loop tells its caller as it runs (a progress bar, a log, a test)."""
+"""What a training loop tells its caller as it runs (a progress bar, a log, TensorBoard, a test)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
+
+log = logging.getLogger("viq.train")
 
 
 @dataclass
@@ -20,3 +24,48 @@ class ProgressEvent:
 
 
 ProgressFn = Callable[[ProgressEvent], None]
+
+
+def flat_metrics(d: dict, prefix: str = "") -> dict:
+    """Nested metrics as ``{"a/b": number}``; non-numbers are left out."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in flat_metrics(metrics).items())
+
+
+class MetricsWriter:
+    """TensorBoard scalars when ``runtime.tensorboard`` is on and tensorboard is installed; else nothing."""
+
+    def __init__(self, path: Optional[Path]):
+        self._writer = None
+        if path is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            log.warning("runtime.tensorboard is on but tensorboard is not installed (pip install "
+                        "'viq[tensorboard]'); no event files written")
+            return
+        self._writer = SummaryWriter(str(path))
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
+    def scalars(self, group: str, metrics: dict, step: int) -> None:
+        if self._writer is not None:
+            for k, v in flat_metrics(metrics).items():
+                self._writer.add_scalar(f"{group}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

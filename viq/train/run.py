@@ -17,6 +17,7 @@ What a run writes under ``recipe.out_dir`` (``run.output_dir[/<stage>]``):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -109,16 +110,28 @@ def make_accelerator(recipe):
     if rt.deepspeed_zero:
         if not cuda:
             raise ConfigError("runtime.deepspeed_zero needs GPUs; set it to null on CPU")
-        from accelerate.utils import DeepSpeedPlugin
-
-        extra = {"gradient_clipping": optim.grad_clip} if optim.grad_clip else {}
-        plugin = DeepSpeedPlugin(zero_stage=rt.deepspeed_zero, gradient_accumulation_steps=optim.grad_accum, **extra)
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("runtime.deepspeed_zero needs DeepSpeed: pip install 'viq[deepspeed]' "
+                              "(or set runtime.deepspeed_zero: null for plain DDP)")
+        plugin = deepspeed_plugin(recipe)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = rt.tf32
         torch.backends.cudnn.allow_tf32 = rt.tf32
     return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[rt.precision],
                        gradient_accumulation_steps=optim.grad_accum, deepspeed_plugin=plugin,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)], cpu=not cuda)
+
+
+def deepspeed_plugin(recipe):
+    """ZeRO settings from the recipe. The micro-batch size is set explicitly: the loop prepares no
+    DataLoader, from which accelerate would otherwise infer it (and refuse to start)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    rt, optim = recipe.runtime, recipe.optim
+    extra = {"gradient_clipping": optim.grad_clip} if optim.grad_clip else {}
+    plugin = DeepSpeedPlugin(zero_stage=rt.deepspeed_zero, gradient_accumulation_steps=optim.grad_accum, **extra)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.micro_batch_size
+    return plugin
 
 
 # ---- data and tokenizer ---------------------------------------------------------------------------

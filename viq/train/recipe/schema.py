@@ -475,6 +475,13 @@ class Recipe(_Section):
                                 "teacher.enabled: false, decoder.enabled: false")
         elif self.data.code_store:
             problems.append("data.code_store is only read by run.task mllm_offline")
+        # the offline stage packs code-store rows to llm.max_length; the store fixed each image's size
+        unread = {"mllm_offline": ("num_workers", "packing", "max_tokens_per_batch", "default_resize"),
+                  "decoder": ("packing", "max_tokens_per_batch")}.get(task, ())
+        defaults = DataSection(path=self.data.path)
+        for key in unread:  # a default value is harmless (and a printed recipe lists every key)
+            if getattr(self.data, key) != getattr(defaults, key):
+                problems.append(f"data.{key} is not read by run.task {task}: remove it")
         if task == "decoder" and not self.decoder.enabled:
             problems.append("run.task decoder needs decoder.enabled: true")
         if task == "decoder" and self.decoder.target != "pixel":
