@@ -18,9 +18,12 @@ class FrozenTargets:
     """
 
     def __init__(self, teacher: Optional[nn.Module], vae: Optional[nn.Module], patch: int,
-                 cache_limit: int = 100_000):
+                 cache_bytes: int = 2 << 30):
         self.teacher, self.vae, self.patch = teacher, vae, patch
-        self.cache_limit = cache_limit
+        #: host memory the cache may hold (0 = no cache). It lives on the CPU: at 896x896 one VAE
+        #: latent is ~0.8 MB, so a device-side cache of a whole data set would exhaust a GPU.
+        self.cache_bytes = cache_bytes
+        self._used = 0
         self._teacher: dict = {}
         self._latent: dict = {}
 
@@ -34,11 +37,15 @@ class FrozenTargets:
         out = []
         for key, img in zip(keys, images):
             hit = store.get(key)
-            if hit is None:
-                hit = fn(img)
-                if len(store) < self.cache_limit:
-                    store[key] = hit
-            out.append(hit)
+            if hit is not None:
+                out.append(hit.to(img.device, non_blocking=True))  # a copy is bit-identical
+                continue
+            value = fn(img)
+            size = value.numel() * value.element_size()
+            if self._used + size <= self.cache_bytes:
+                store[key] = value.detach().to("cpu", copy=True)
+                self._used += size
+            out.append(value)
         return out
 
     @torch.no_grad()
