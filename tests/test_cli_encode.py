@@ -158,6 +158,13 @@ def test_resume_after_kill_equals_uninterrupted_run(model, images, tmp_path):
         assert np.array_equal(a[k][0], b[k][0]) and a[k][1:] == b[k][1:]
 
 
+def test_one_store_one_precision(model, images, tmp_path):
+    store = tmp_path / "store"
+    run("encode", images, "--model", model, "--out", store, "--dtype", "float32", check=0)
+    p = run("encode", images, "--model", model, "--out", store, "--dtype", "bfloat16", check=2)
+    assert "compute dtype: float32 != bfloat16" in p.stderr
+
+
 def test_changed_file_is_encoded_again(model, images, tmp_path):
     store = tmp_path / "store"
     run("encode", images, "--model", model, "--out", store, check=0)

@@ -65,6 +65,7 @@ def model_info(tok: ViQTokenizer, fingerprints: dict[str, str]) -> dict:
     combined = hashlib.sha256(f"{enc}:{dec}".encode()).hexdigest()
     return {"name": tok.config.name, "source": tok.source, "levels": tok.levels,
             "codebook_size": tok.codebook_size, "fingerprint": combined,
+            "compute_dtype": str(tok.dtype).removeprefix("torch."),  # bf16 codes differ from fp32 ones
             "encoder_fingerprint": enc, "decoder_fingerprint": dec,
             "config": tok.config.model_dump(mode="json")}
 

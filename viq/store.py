@@ -291,6 +291,9 @@ class CodeStoreWriter:
             diffs = [f"{k}: {old[k]!r} != {new[k]!r}" for k in IDENTITY_KEYS if old[k] != new[k]]
             if manifest.get("preprocess") != self.preprocess:
                 diffs.append(f"preprocess: {manifest.get('preprocess')!r} != {self.preprocess!r}")
+            was, now = manifest.get("model", {}).get("compute_dtype"), model_info.get("compute_dtype")
+            if was and now and was != now:  # one store, one precision: bf16 and fp32 codes differ
+                diffs.append(f"compute dtype: {was} != {now} (pass --dtype {was} to add to this store)")
             if diffs:
                 raise StoreError(f"{self.root} holds codes from another model or preprocessing ({'; '.join(diffs)}); "
                                  f"use another --out or delete that directory")

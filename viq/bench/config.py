@@ -159,7 +159,7 @@ class BenchConfig(BaseModel):
                         llms=["0.5b", "1.5b", "3b", "7b"] if gpu else ["tiny"],
                         encoder="giant" if gpu else "tiny",
                         image_size=(896, 896) if gpu else (448, 448),
-                        warmup=2 if gpu else 1, repeats=5 if gpu else 3)
+                        warmup=2 if gpu else 1, repeats=5)
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 upd[k] = v
