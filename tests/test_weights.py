@@ -34,6 +34,7 @@ def test_missing_key_is_an_error_listing_it(tmp_path):
     assert "fusion_block.vq_low.project_in.weight" not in e.value.missing  # listed in viq names
     assert "head.project_in.weight" in e.value.missing
     assert "missing (1)" in str(e.value)
+    assert "head.project_in.weight (file: fusion_block.vq_low.project_in.weight)" in str(e.value)
 
 
 def test_unexpected_key_is_an_error(tmp_path):

@@ -24,14 +24,23 @@ class WeightsError(ViQError):
 class KeyMismatchError(WeightsError):
     """Strict state-dict loading found missing or unexpected keys (or shape mismatches)."""
 
-    def __init__(self, where: str, missing=(), unexpected=(), mismatched=()):
+    def __init__(self, where: str, missing=(), unexpected=(), mismatched=(), file_name=None):
+        """Keys are viq names; ``file_name(key)`` gives the name the file uses, shown beside it."""
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mismatched = sorted(mismatched)
+
+        def show(entry: str) -> str:
+            key, _, rest = entry.partition(" ")
+            other = file_name(key) if file_name else None
+            named = f"{key} (file: {other})" if other and other != key else key
+            return f"{named} {rest}" if rest else named
+
         parts = [f"{where}: the weights do not match the model"]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                             ("shape mismatch", self.mismatched)):
             if keys:
+                keys = [show(k) for k in keys]
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
                 parts.append(f"{label} ({len(keys)}): {shown}")
         super().__init__("; ".join(parts))

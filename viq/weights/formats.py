@@ -49,13 +49,18 @@ def expected_shapes(cfg: ViQConfig, parts=ALL_PARTS) -> dict[str, tuple[int, ...
     return {k: tuple(v.shape) for k, v in build_empty(cfg, parts).state_dict().items()}
 
 
-def check_keys(where: str, got: dict[str, torch.Tensor], expected: dict[str, tuple], unexpected_extra=()):
+def check_keys(where: str, got: dict[str, torch.Tensor], expected: dict[str, tuple], unexpected_extra=(),
+               file_keymap=None):
+    """Strict: every expected key present with its shape, nothing else. ``file_keymap`` (reference ->
+    viq renames) lets the error also show each key as the file names it."""
     missing = set(expected) - set(got)
     unexpected = (set(got) - set(expected)) | set(unexpected_extra)
     mismatched = [f"{k} {tuple(got[k].shape)} != {expected[k]}" for k in set(got) & set(expected)
                   if tuple(got[k].shape) != tuple(expected[k])]
     if missing or unexpected or mismatched:
-        raise KeyMismatchError(where, missing, unexpected, mismatched)
+        back = keymaps.reverse(file_keymap) if file_keymap else None
+        raise KeyMismatchError(where, missing, unexpected, mismatched,
+                               file_name=(lambda k: keymaps.rename(k, back)) if back else None)
 
 
 # ---- reference layout ----------------------------------------------------------------------------
@@ -194,7 +199,7 @@ def reference_state(ref: ReferenceFiles, parts, config: ViQConfig | None):
     state: dict[str, torch.Tensor] = {}
     if enc is not None:
         exp = {k: s for k, s in full.items() if k != "head.codebook"}
-        check_keys(str(ref.encoder), enc, exp, unexpected_extra=unknown)
+        check_keys(str(ref.encoder), enc, exp, unexpected_extra=unknown, file_keymap=keymaps.ENCODER_FILE)
     if "encoder" in parts or "pool" in parts:
         if enc is None:
             raise WeightsError(f"{ref.folder}: encoding needs model_viq_fsq_<size>.pth, which is missing")
@@ -205,7 +210,8 @@ def reference_state(ref: ReferenceFiles, parts, config: ViQConfig | None):
     dec_keys = {k: s for k, s in full.items() if part_of(k) == "decoder"}
     if "decoder" in parts:
         if emb is not None:
-            check_keys(str(ref.embedder), emb, dec_keys, unexpected_extra=emb_unknown)
+            check_keys(str(ref.embedder), emb, dec_keys, unexpected_extra=emb_unknown,
+                       file_keymap=keymaps.EMBEDDER_FILE)
             check_codebook(emb["head.codebook"], config, str(ref.embedder), notes)
             state.update(emb)
             sources["decoder"] = ref.embedder.name
@@ -220,7 +226,7 @@ def reference_state(ref: ReferenceFiles, parts, config: ViQConfig | None):
     if "drawer" in parts:
         if drw is not None:
             exp = {k: s for k, s in full.items() if part_of(k) in ("decoder", "drawer")}
-            check_keys(str(ref.drawer), drw, exp, unexpected_extra=drw_unknown)
+            check_keys(str(ref.drawer), drw, exp, unexpected_extra=drw_unknown, file_keymap=keymaps.DRAWER_FILE)
             check_codebook(drw["head.codebook"], config, str(ref.drawer), notes)
             if "decoder" in parts:
                 differ = [k for k in dec_keys if not torch.equal(drw[k].float(), state[k].float())]
