@@ -116,6 +116,10 @@ def test_dotted_overrides(tmp_path):
         load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.lr"])
     with pytest.raises(RecipeError, match="optim.max_steps is a value"):
         load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.max_steps.x=1"])
+    with pytest.raises(RecipeError, match="head is null here"):  # stage 1 has no head: no silent revival
+        load_recipe(RECIPES / "tiny.yaml", "1", ["head.pre_blocks=2"])
+    # ... while the same override on a later stage still works (its hand-over check resolves stage 1)
+    assert load_recipe(RECIPES / "tiny.yaml", "2-1", ["head.pre_blocks=2"]).head.pre_blocks == 2
 
 
 def test_floats_without_dot_in_yaml(tmp_path):

@@ -72,7 +72,8 @@ def load_recipe(path: Union[str, Path], stage: Optional[str] = None,
     return _load(Path(path), stage, list(overrides), ())
 
 
-def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[str, ...]) -> Recipe:
+def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[str, ...],
+          skip_null: bool = False) -> Recipe:
     raw = _read_file(path)
     stages = _stages(raw, str(path))
     data = {k: v for k, v in raw.items() if k != "stages"}
@@ -87,7 +88,7 @@ def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[s
         data = deep_merge(data, stages[stage])
         source = f"{path} [stage {stage}]"
     for text in overrides:
-        apply_override(data, text)
+        apply_override(data, text, skip_null)
     if stage is not None and isinstance(data.get("run", {}), dict):
         data.setdefault("run", {})["stage"] = stage
     recipe = validate_recipe(substitute(data), source)
@@ -110,7 +111,7 @@ def _check_handover(path: Path, recipe: Recipe, stages: dict, overrides: list[st
     if src in chain:
         raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
     shared = [o for o in overrides if not o.strip().startswith(("model.init_", "model.reinit_mismatched"))]
-    before = _load(path, src, shared, chain)
+    before = _load(path, src, shared, chain, skip_null=True)  # e.g. head.* overrides: stage 1 has none
     if before.viq_config().vit != recipe.viq_config().vit:
         raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
     old, new = _quantizer_shape(before), _quantizer_shape(recipe)

@@ -50,11 +50,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, load_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
-def apply_override(tree: dict, text: str) -> None:
+def apply_override(tree: dict, text: str, skip_null: bool = False) -> None:
+    """Set one ``key.path=value``; into a section that is null, refuse (or, with ``skip_null``, skip)."""
     parts, value = parse_override(text)
     node = tree
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)
+        if nxt is None and part in node:  # null on purpose (e.g. stage 1 has no head): do not revive it
+            if skip_null:
+                return
+            where = ".".join(parts[:i + 1])
+            raise RecipeError(f"override {text!r}: {where} is null here; set the whole section "
+                              f"({where}={{...}}) to bring it back")
         if nxt is None:
             nxt = node[part] = {}
         elif not isinstance(nxt, dict):
