@@ -121,6 +121,28 @@ def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
     assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
 
 
+def test_verify_catches_a_codebook_that_is_not_fsq(converted, tmp_path):
+    """The full path never reads the stored codebook, so a table that differs from FSQ's fails verify
+    on its own (no --against); one too far off is refused already at load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = converted
+    from viq.weights.verify import example_images
+
+    img = example_images()[0]
+    for delta, code in ((2 ** -10, 1), (0.5, 2)):
+        bad = tmp_path / f"codebook-{code}"
+        shutil.copytree(out, bad, ignore=shutil.ignore_patterns("converted_*"))
+        sd = load_file(bad / "decoder.safetensors")
+        sd["head.codebook"] = sd["head.codebook"] + delta  # every row shifted: every code affected
+        save_file(sd, bad / "decoder.safetensors")
+        p = cli("verify", bad, "--resize", "native:1024", "--images", img)
+        assert p.returncode == code, p.stdout + p.stderr
+        assert ("full path != split path" in p.stdout) if code == 1 else ("codebook does not match" in p.stderr)
+
+
 def test_convert_cli_json_summary(tmp_path):
     cfg = tmp_path / "cfg"
     cfg.mkdir()

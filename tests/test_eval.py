@@ -178,9 +178,9 @@ def test_lpips_loads_torchvision_and_lpips_layouts(tmp_path):
     (tmp_path / "vgg.pth").unlink()
     with pytest.raises(WeightsError, match="lin layers"):
         load_lpips(tmp_path)
-    with pytest.raises(WeightsError, match="viqctl download lpips-vgg16"):
+    with pytest.raises(WeightsError, match="pip install lpips"):
         load_lpips(tmp_path / "missing")
-    with pytest.raises(WeightsError, match="viqctl download"):
+    with pytest.raises(WeightsError, match="vgg16-397923af.pth"):
         load_lpips(None)
 
 

@@ -18,8 +18,9 @@ def evaluate(
     model: Optional[str] = ModelOpt,
     decoder: str = typer.Option("vae", "--decoder", help="vae (published drawer + Qwen-Image VAE) or pixel."),
     resize: str = typer.Option("native", "--resize", help="Preprocessing for images (a store keeps its own)."),
-    lpips: Optional[Path] = typer.Option(None, "--lpips", help="LPIPS weights (file or folder; "
-                                                                "`viqctl download lpips-vgg16`). Without it LPIPS is skipped."),
+    lpips: Optional[Path] = typer.Option(None, "--lpips", help="LPIPS weights, file or folder (torchvision's "
+                                                                "vgg16-397923af.pth + the lpips package's v0.1 "
+                                                                "vgg.pth). Without it LPIPS is skipped."),
     fid: Optional[Path] = typer.Option(None, "--fid", help="FID Inception weights (pt_inception). Without it rFID is skipped."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Write a side-by-side PNG (original | reconstruction)."),
     device: str = DeviceOpt,

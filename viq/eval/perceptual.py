@@ -32,8 +32,11 @@ import torch.nn.functional as F
 from viq.errors import ConfigError, KeyMismatchError, WeightsError
 from viq.weights.io import read_tensors
 
-#: names under which ``viqctl download`` fetches the weights (the lead's hub registry).
+#: the folder under the models directory where LPIPS weights are looked for by default.
 LPIPS_DOWNLOAD_NAME = "lpips-vgg16"
+#: where the two LPIPS files come from (neither is on the Hugging Face hub, so `viqctl download` cannot fetch them).
+LPIPS_HOWTO = ("put torchvision's vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth "
+               "(pip install lpips) in one folder, e.g. <models>/lpips-vgg16")
 DINOV2_DOWNLOAD_NAME = "dinov2-base"
 
 #: VGG16 "features" indices: conv layers, and the ReLU after which each LPIPS tap is taken.
@@ -139,15 +142,13 @@ def load_lpips(path: Optional[str | os.PathLike] = None, tiny: bool = False, dev
         net = tiny_lpips()
         return net.to(device) if device is not None else net
     if path is None:
-        raise WeightsError(f"LPIPS needs its weights (VGG16 + lin layers); get them with "
-                           f"`viqctl download {LPIPS_DOWNLOAD_NAME}` and pass the path")
+        raise WeightsError(f"LPIPS needs its weights (VGG16 + lin layers): {LPIPS_HOWTO}, and pass that path")
     path = Path(path).expanduser()
     if not path.exists():
-        raise WeightsError(f"{path}: LPIPS weights not found; get them with `viqctl download {LPIPS_DOWNLOAD_NAME}`")
+        raise WeightsError(f"{path}: LPIPS weights not found; {LPIPS_HOWTO}")
     files = _weight_files(path)
     if not files:
-        raise WeightsError(f"{path}: no .safetensors/.pth weights inside; get them with "
-                           f"`viqctl download {LPIPS_DOWNLOAD_NAME}`")
+        raise WeightsError(f"{path}: no .safetensors/.pth weights inside; {LPIPS_HOWTO}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(lpips_key_map(read_tensors(f)))
@@ -163,7 +164,7 @@ def load_lpips(path: Optional[str | os.PathLike] = None, tiny: bool = False, dev
             hint = " (the lin layers are missing: add the lpips v0.1 vgg.pth)"
         elif any(k.startswith("vgg.") for k in missing):
             hint = " (the VGG16 convs are missing: add torchvision's vgg16 weights)"
-        raise WeightsError(f"{err}{hint}; `viqctl download {LPIPS_DOWNLOAD_NAME}` fetches both") from None
+        raise WeightsError(f"{err}{hint}; {LPIPS_HOWTO}") from None
     net.load_state_dict({k: state[k].float() for k in expected})
     return net.to(device) if device is not None else net
 

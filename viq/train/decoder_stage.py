@@ -12,7 +12,7 @@
   at ``gan.start_step``.
 * Perceptual nets, from local files only:
     - LPIPS: ``paths.lpips`` when set (``tiny`` = a random stand-in, tests), else
-      ``${paths.models}/lpips-vgg16`` (the ``viqctl download`` name);
+      ``${paths.models}/lpips-vgg16`` (``viq.eval.perceptual.LPIPS_HOWTO`` says what goes there);
     - DINOv2 (REPA): ``decoder.repa.encoder`` (a Hugging Face directory; ``tiny`` = a random stand-in).
 * Pixel decoder architecture: ``decoder.pixel`` (None = PixelDecoderConfig's defaults). ``width``
   follows the tokenizer's feature width and ``repa_dim`` the DINOv2 width unless given explicitly.
@@ -116,7 +116,7 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def load_perceptual(recipe, device):
     """(lpips net or None, dino net or None, notes) as the recipe asks (see the module docstring)."""
-    from viq.eval.perceptual import LPIPS_DOWNLOAD_NAME, load_dinov2, load_lpips
+    from viq.eval.perceptual import LPIPS_DOWNLOAD_NAME, LPIPS_HOWTO, load_dinov2, load_lpips
 
     d, notes = recipe.decoder, {}
     lpips = dino = None
@@ -126,8 +126,8 @@ def load_perceptual(recipe, device):
             path = str(Path(recipe.paths["models"]).expanduser() / LPIPS_DOWNLOAD_NAME)
         if path is None:
             raise ConfigError("decoder.lpips is on but no LPIPS weights are named: set paths.lpips (a file or "
-                              f"directory; `viqctl download {LPIPS_DOWNLOAD_NAME}`) or paths.models, or "
-                              "paths.lpips: tiny for a random stand-in (tests)")
+                              f"directory: {LPIPS_HOWTO}) or paths.models, or paths.lpips: tiny for a random "
+                              "stand-in (tests)")
         lpips = load_lpips(tiny=True) if path == TINY else load_lpips(path)
         notes["lpips"] = path
     if d.repa.enabled:

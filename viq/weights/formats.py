@@ -284,7 +284,11 @@ def viq_state(folder: Path, parts):
         check_keys(str(path), tensors, {k: s for k, s in full.items() if part_of(k) == p})
         state.update(tensors)
         sources[p] = entry["file"]
-    report = LoadReport(str(folder), "viq", meta.get("model", {}).get("name", "config.json"), tuple(parts), sources)
+    notes: list[str] = []
+    if "head.codebook" in state:  # FSQ's table is implied by the levels: a stored one must be it
+        check_codebook(state["head.codebook"], cfg, str(folder / sources["decoder"]), notes)
+    report = LoadReport(str(folder), "viq", meta.get("model", {}).get("name", "config.json"), tuple(parts), sources,
+                        notes=notes)
     return cfg, state, report
 
 

@@ -1,8 +1,8 @@
 """Lossless checks of a model, and fingerprints that identify what it computes.
 
-One model: the full forward path (ViT -> head -> indices -> features -> drawer in one pass) and
-the split path (codes first, then embed / draw from the codes alone) must agree bit for bit, with
-all images packed and with each image alone. Two models (``against``): identical fingerprints.
+One model: the full forward path (ViT -> head -> FSQ values -> features -> drawer in one pass,
+no indices) and the split path (stored codes first, then embed / draw from the codes alone through
+the codebook) must agree bit for bit, with all images packed and with each image alone. Two models (``against``): identical fingerprints.
 """
 
 from __future__ import annotations
@@ -54,9 +54,16 @@ class VerifyResult:
 
 @torch.inference_mode()
 def _full_path(model, pixels, slots):
-    """Images -> indices -> features -> latents -> pixels in one forward pass over one packing."""
-    indices, packing = model.encode(pixels)
-    feats = model.embed(indices)
+    """Images -> FSQ code values -> features -> latents -> pixels in one pass over one packing.
+
+    Features come from the quantised values themselves, never from indices and the stored
+    codebook, so a wrong index order or a tampered codebook table makes the two paths differ.
+    """
+    model.require("encoder", "decoder")
+    tokens, packing = model.vit(pixels)
+    values = model.head.fsq.quantize(model.head.pre_quant(tokens, packing))
+    indices = model.head.fsq.codes_to_indices(values)
+    feats = model.head.decode_codes(values)
     latents = model.draw_latents(feats, packing)
     return {"codes": [i.reshape(h, w, slots).cpu() for i, (h, w) in zip(packing.split(indices, slots), packing.grids)],
             "features": [f.cpu() for f in packing.split(feats)], "latents": [x.cpu() for x in latents],
