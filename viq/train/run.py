@@ -45,6 +45,7 @@ from viq.train.optim import total_steps
 from viq.train.progress import ProgressFn
 from viq.train.targets import FrozenTargets
 from viq.train.teacher import build_teacher, trunk_tensors, trunk_to_vit
+from viq.train.weight_paths import resolve_recipe_weights
 from viq.weights.io import read_tensors, write_json, write_safetensors
 
 log = logging.getLogger("viq.train")
@@ -368,8 +369,9 @@ def frozen_tokenizer_dir(recipe, why: str) -> Path:
     if recipe.model.init_ckpt is None or recipe.model.init_stage:
         raise ConfigError(f"run.task {recipe.run.task} needs model.init_ckpt: {why}")
     init = Path(recipe.model.init_ckpt).expanduser()
-    if not (init / "config.json").is_file():
-        raise WeightsError(f"model.init_ckpt {init}: not a viq weights directory (no config.json)")
+    if not (init / "config.json").is_file() and not any(init.glob("model_viq_fsq_*.pth")):
+        raise WeightsError(f"model.init_ckpt {init}: neither a viq weights directory (config.json) nor the "
+                           "published layout (model_viq_fsq_<size>.pth); name a trained ViQ, e.g. viq-16k")
     return init
 
 
@@ -382,7 +384,9 @@ def train(recipe, *, progress: Optional[ProgressFn] = None, resume: Optional[boo
     ``ProgressEvent``s (start, step, log, eval, save, end) on the main process; ``step`` events also
     on the others, with the sample indices that process read. ``eval_limit`` caps the held-out
     samples evaluated; ``eval_at_start`` also measures the untrained model (the "before" numbers).
+    Weights fields may name a `viqctl download` entry (``teacher.ckpt: siglip2-g``): see ``weight_paths``.
     """
+    recipe = resolve_recipe_weights(recipe)
     if recipe.run.task == "mllm_offline":  # MLLM on codes from a code store
         from viq.train.offline_stage import train_offline
 
