@@ -88,6 +88,15 @@ def test_levels_conflict_and_position_grid_adaptation(tmp_path):
     assert report.adaptations == ["position grid 8x8 -> 16x16 (bicubic)"]
     tok = load_tokenizer(tmp_path / "o2", parts=("encoder",), device="cpu")
     assert tok.model.vit.pos_embed.shape == (1, 256, 128)
+    # a 14x14 patch kernel (the reference's default patch size) is resized to 16x16, and said so
+    pk = "base_model.model.model.vision_tower.vision_tower.patch_embed.proj.weight"
+    assert sd[pk].shape[-2:] == (16, 16)
+    sd[pk] = torch.randn(*sd[pk].shape[:2], 14, 14, dtype=sd[pk].dtype)
+    torch.save(sd, path)
+    report = convert(path, tmp_path / "o3", config=fixture_config("16k"))
+    assert "patch kernel 14x14 -> 16x16 (bicubic)" in report.adaptations
+    tok = load_tokenizer(tmp_path / "o3", parts=("encoder",), device="cpu")
+    assert tok.model.vit.patch_embed.proj.weight.shape[-2:] == (16, 16)
 
 
 def cli(*args):
@@ -119,6 +128,8 @@ def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
     p = cli("verify", bad, "--against", out, "--resize", "native:4096", "--images", example_images()[0])
     assert p.returncode == 1
     assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
+    p = cli("verify", out, "--images", tmp_path / "nope.png")
+    assert p.returncode == 2 and "nope.png" in p.stderr  # a usage error, not a failed check
 
 
 def test_verify_catches_a_codebook_that_is_not_fsq(converted, tmp_path):
@@ -154,6 +165,22 @@ def test_convert_cli_json_summary(tmp_path):
     assert set(res["parts"]) == {"encoder", "pool", "decoder", "drawer"}
     p = cli("convert", tmp_path / "nothing.pth", "--out", tmp_path / "o2")
     assert p.returncode == 2 and "nothing.pth" in p.stderr
+    # the issue's spelling of the levels: several values after one --levels (the checkpoint's are 8 8 8 6 5)
+    p = cli("convert", TRAIN, "--out", tmp_path / "o3", "--config", cfg / "config.json", "--levels", "8", "8", "8",
+            "6", "5", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["levels"] == [8, 8, 8, 6, 5]
+    p = cli("convert", TRAIN, "--out", tmp_path / "o4", "--levels", "8", "8", "8", "5", "5")
+    assert p.returncode == 2 and "levels" in p.stderr  # conflicts with the checkpoint's own levels
+
+
+def test_gather_levels():
+    from viqctl.__main__ import gather_levels
+
+    assert gather_levels(["convert", "x.pth", "--levels", "8", "8", "6", "--out", "o"]) == \
+        ["convert", "x.pth", "--levels=8,8,6", "--out", "o"]
+    assert gather_levels(["--levels", "8", "x.pth"]) == ["--levels", "8", "x.pth"]
+    assert gather_levels(["encode", "8", "9"]) == ["encode", "8", "9"]
 
 
 def test_convert_accepts_a_viq_training_run_folder(tmp_path):
@@ -166,6 +193,9 @@ def test_convert_accepts_a_viq_training_run_folder(tmp_path):
     (run / "training.json").write_text("{}")
     report = convert(run, tmp_path / "out")
     assert report.kind == "viq training run" and report.levels == [8, 8, 4, 4, 4]
+    assert len(report.source_sha256) == 64
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["source"]["sha256"] == report.source_sha256  # the config records what it came from
     a = load_tokenizer(run / "viq", parts=("encoder", "decoder"), device="cpu").model.state_dict()
     b = load_tokenizer(tmp_path / "out", parts=("encoder", "decoder"), device="cpu").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -174,3 +204,14 @@ def test_convert_accepts_a_viq_training_run_folder(tmp_path):
     (unfinished / "training.json").write_text("{}")
     with pytest.raises(WeightsError, match="no finished weights"):
         convert(unfinished, tmp_path / "out2")
+
+
+def test_convert_reexports_a_published_directory(tmp_path):
+    """Input (c): the published inference layout re-exported to viq's format, tensor for tensor."""
+    ref = reference_dir_with_config(tmp_path, "16k")
+    report = convert(ref, tmp_path / "viq")
+    assert report.kind == "reference inference layout" and len(report.source_sha256) == 64
+    parts = ("encoder", "pool", "decoder", "drawer")
+    a = load_tokenizer(ref, parts=parts, device="cpu").model.state_dict()
+    b = load_tokenizer(tmp_path / "viq", parts=parts, device="cpu").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
 
@@ -13,7 +14,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
 
 
 @app.callback()
@@ -48,8 +48,24 @@ for module_name, func_name, command_name in COMMANDS:
     app.command(command_name)(getattr(module, func_name))
 
 
+def gather_levels(argv: list[str]) -> list[str]:
+    """``--levels 8 8 8 6 5`` -> ``--levels=8,8,8,6,5``: click options take one value each."""
+    out, i = [], 0
+    while i < len(argv):
+        j = i + 1
+        while argv[i] == "--levels" and j < len(argv) and argv[j].isdigit():
+            j += 1
+        if j - i > 2:
+            out.append("--levels=" + ",".join(argv[i + 1:j]))
+            i = j
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=gather_levels(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,24 @@ def _config(path: Optional[Path]):
     return parse_config(read_viq_config(folder), str(folder / "config.json"))
 
 
+def _levels(values: Optional[List[str]]) -> Optional[list[int]]:
+    if not values:
+        return None
+    parts = [x for v in values for x in v.replace(",", " ").split()]
+    if not all(x.isdigit() and int(x) >= 2 for x in parts):
+        from viq.errors import ConfigError
+
+        raise ConfigError(f"--levels {' '.join(values)}: give integers >= 2, e.g. --levels 8 8 8 6 5")
+    return [int(x) for x in parts]
+
+
 def convert(
     checkpoint: Path = typer.Argument(..., help="vision_tower.pth of a reference training run, a viq training "
                                                 "run folder, or a weights directory to re-export."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output viq weights directory."),
     size: Optional[str] = typer.Option(None, "--size", help="FSQ preset: 2k, 4k, 8k, 16k or 64k."),
-    levels: Optional[List[int]] = typer.Option(None, "--levels", help="FSQ levels, e.g. --levels 8 --levels 8 ..."),
+    levels: Optional[List[str]] = typer.Option(None, "--levels", help="FSQ levels, e.g. --levels 8 8 8 6 5 "
+                                                                     "(or 8,8,8,6,5)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A viq config.json naming a non-preset architecture."),
     reference_layout: bool = typer.Option(False, "--reference-layout",
                                           help="Also write model_viq_fsq_<size>.pth, embedder.pth, index_drawer.pth."),
@@ -43,7 +55,7 @@ def convert(
     from viq.weights.convert import convert as run_convert
 
     with cli_errors(debug):
-        report = run_convert(checkpoint, out_dir, levels=levels or None, size=size, config=_config(config),
+        report = run_convert(checkpoint, out_dir, levels=_levels(levels), size=size, config=_config(config),
                              reference_layout=reference_layout)
         if json_out:
             print_json(report.as_dict())
@@ -88,13 +100,17 @@ def verify(
     The full forward path and the split path (encode -> codes -> embed / draw, packed and one
     image at a time) must agree bit for bit. Exit 1 with the differences otherwise.
     """
+    from viq.errors import ConfigError, ImageError
     from viq.images import prepare
     from viq.tokenizer import load_tokenizer
     from viq.weights.verify import compare_fingerprints, example_images, verify_model
 
     with cli_errors(debug):
         paths = images or example_images()
-        named = [(p.name, prepare(p, resize)[0]) for p in paths]
+        try:
+            named = [(p.name, prepare(p, resize)[0]) for p in paths]
+        except ImageError as exc:  # here a bad input is a usage error (exit 2), not a verify failure
+            raise ConfigError(f"--images: {exc}") from None
         parts = ("encoder", "decoder", "drawer")
         tok = load_tokenizer(model_dir, parts=parts, device=device_of(device), dtype=dtype, config=_config(config))
         result = verify_model(tok, named)

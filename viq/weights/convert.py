@@ -7,6 +7,7 @@ report, and shape adaptations (position grid, patch kernel) happen only when sha
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from viq.config import ViQConfig, fsq_levels, fsq_size_name
-from viq.errors import ConfigError, KeyMismatchError, WeightsError
+from viq.errors import ConfigError, WeightsError
 from viq.quant.fsq import FSQ
 from viq.weights import keymaps
 from viq.weights.formats import (check_keys, expected_shapes, infer_reference_config, is_viq_dir, load_state,
@@ -121,11 +122,17 @@ def convert_training_checkpoint(path: Path, levels: list[int] | None, config: Vi
     # The decode part reads the same tensors; its code table is FSQ's implicit codebook.
     enc["head.codebook"] = FSQ(cfg.head.levels).codebook()
     expected = expected_shapes(cfg)
-    try:
-        check_keys(str(path), enc, expected, unexpected_extra=unknown)
-    except KeyMismatchError:
-        raise
+    check_keys(str(path), enc, expected, unexpected_extra=unknown, file_keymap=keymaps.ENCODER_FILE)
     return cfg, enc, recognised, dropped, adaptations
+
+
+def files_digest(folder: Path) -> str:
+    """One sha256 for the weights and config files of a folder (names and contents, in name order)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (".pth", ".pt", ".bin", ".safetensors", ".json"):
+            h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def convert(source, out_dir, levels=None, size: str | None = None, config: ViQConfig | None = None,
@@ -151,14 +158,14 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
         recognised, dropped, adaptations = report.recognised, report.dropped, []
-        kind, digest = "viq training run", None
+        kind, digest = "viq training run", files_digest(weights)
     else:
         cfg, state, report = load_state(src, config=config)
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
         recognised, dropped, adaptations = report.recognised, report.dropped, []
         kind = "viq weights" if is_viq_dir(src) else "reference inference layout"
-        digest = None
+        digest = files_digest(src if src.is_dir() else src.parent)
     out = Path(out_dir)
     source_info = {"kind": kind, "path": str(src), "sha256": digest, "recognised": recognised}
     meta = save_viq(state, cfg, out, source_info, dtype=dtype)
