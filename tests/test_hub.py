@@ -72,6 +72,8 @@ class FakeHub:
                 write(Path(local_dir) / ".cache/huggingface/download" / (rel + ".incomplete"), b"par")
                 raise ConnectionError("connection reset by peer")
             write(dest, (self.repo(repo_id) / rel).read_bytes())
+            # as huggingface_hub: a finished file replaces its .incomplete
+            (Path(local_dir) / ".cache/huggingface/download" / (rel + ".incomplete")).unlink(missing_ok=True)
             copied += 1
         return str(local_dir)
 
@@ -175,6 +177,18 @@ def test_resume_after_interrupted_transfer(fake, models):
     res = hub.download(plan, offline=False)
     assert len(fake.calls) == 2 and hub.missing_files(plan) == []
     assert "viq-16k" in hub.load_registry(models) and res.path.name == "converted_16k"
+
+
+def test_custom_repo_with_a_partial_file_is_not_complete(models):
+    plan = hub.plan_download("someorg/some-model", models, include=["*.safetensors"])
+    folder = plan.folder
+    write(folder / "a.safetensors")
+    assert hub.missing_files(plan) == []
+    write(folder / ".cache/huggingface/download/b.safetensors.incomplete", b"par")
+    assert hub.missing_files(plan) == ["huggingface/download/b.safetensors.incomplete (partial transfer)"]
+    (folder / ".cache/huggingface/download/b.safetensors.incomplete").unlink()
+    write(folder / "model.safetensors.index.json", json.dumps({"weight_map": {"x": "c.safetensors"}}).encode())
+    assert hub.missing_files(plan) == ["c.safetensors"]  # a shard the index names is still missing
 
 
 def test_sharded_llm_needs_every_shard(models):

@@ -62,7 +62,8 @@ _OPEN_CLIP_REQUIRED = ("open_clip_config.json", "open_clip_model.safetensors|ope
 # Sizes are approximate: Qwen from parameter count x 2 bytes (bf16); ViQ from reference-inference.md §8
 # (encoder float32, embedder and drawer bf16); SigLIP2 So400m from the sibling -256 repo's file.
 _QWEN = {"0.5b": ("0.5B", 988_000_000), "1.5b": ("1.5B", 3_090_000_000),
-         "3b": ("3B", 6_170_000_000), "7b": ("7B", 15_230_000_000)}
+         "3b": ("3B", 6_170_000_000), "7b": ("7B", 15_230_000_000), "14b": ("14B", 29_540_000_000),
+         "32b": ("32B", 65_530_000_000), "72b": ("72B", 145_410_000_000)}
 
 
 def _known_models() -> dict[str, ModelEntry]:
@@ -226,14 +227,36 @@ def missing_files(plan: Plan) -> list[str]:
     """What is still absent locally for ``plan`` (paths relative to its folder); empty when complete."""
     if plan.custom_patterns or (not plan.entry.required and plan.entry.target == ("",)):
         if _local_files(plan.folder, plan.allow_patterns):
-            return []
+            return _unfinished(plan.folder)
         return [f"files matching {', '.join(plan.allow_patterns or ('*',))}"]
     target = _find_target(plan.entry, plan.folder)
     if target is None:
         base = plan.entry.target[0]
         return [f"{base}/{r}" if base else r for r in plan.entry.required] or [base]
     rel = target.relative_to(plan.folder).as_posix()
-    return [f"{rel}/{m}" if rel != "." else m for m in _missing_in(plan.entry, target)]
+    missing = [f"{rel}/{m}" if rel != "." else m for m in _missing_in(plan.entry, target)]
+    return missing + [m for m in _unfinished(plan.folder) if m not in missing]
+
+
+def _unfinished(folder: Path) -> list[str]:
+    """Signs of an interrupted transfer anywhere in ``folder``: huggingface_hub's ``*.incomplete``
+    files, and shards that a ``*.index.json`` names but that are not there."""
+    out = []
+    meta = folder / _HUB_META
+    if meta.is_dir():
+        for part in sorted(meta.rglob("*.incomplete")):
+            out.append(f"{part.relative_to(meta).as_posix()} (partial transfer)")
+    for index in sorted(folder.rglob("*.index.json")):
+        if meta in index.parents:
+            continue
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError):
+            out.append(f"{index.relative_to(folder).as_posix()} (unreadable)")
+            continue
+        base = index.parent.relative_to(folder).as_posix()
+        out += sorted(f"{s}" if base == "." else f"{base}/{s}" for s in shards if not (index.parent / s).exists())
+    return out
 
 
 def _show(missing: list[str]) -> str:
