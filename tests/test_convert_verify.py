@@ -128,6 +128,16 @@ def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
     p = cli("verify", bad, "--against", out, "--resize", "native:4096", "--images", example_images()[0])
     assert p.returncode == 1
     assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
+    # --against the training checkpoint itself (converted in memory): the same fingerprints
+    cfg = tmp_path / "cfg" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"model": fixture_config("16k").model_dump(mode="json")}))
+    p = cli("verify", out, "--against", TRAIN, "--config", cfg, "--resize", "native:1024",
+            "--images", example_images()[0])
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = cli("verify", bad, "--against", TRAIN, "--config", cfg, "--resize", "native:1024",
+            "--images", example_images()[0])
+    assert p.returncode == 1
     p = cli("verify", out, "--images", tmp_path / "nope.png")
     assert p.returncode == 2 and "nope.png" in p.stderr  # a usage error, not a failed check
 

@@ -84,8 +84,9 @@ def convert(
 def verify(
     model_dir: Path = typer.Argument(..., help="Weights to check (viq or reference layout)."),
     images: Optional[List[Path]] = typer.Option(None, "--images", help="Images to use (default: the bundled photos)."),
-    against: Optional[Path] = typer.Option(None, "--against", help="Second weights directory that must give "
-                                                                   "identical fingerprints."),
+    against: Optional[Path] = typer.Option(None, "--against", help="Second weights (a directory, or a training "
+                                                                   "vision_tower.pth) that must give identical "
+                                                                   "fingerprints."),
     resize: str = typer.Option("native", "--resize", help="Preprocessing policy (see `viqctl encode --help`)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A viq config.json naming a non-preset architecture."),
     device: str = DeviceOpt,

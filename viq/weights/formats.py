@@ -312,7 +312,8 @@ def is_viq_dir(path: Path) -> bool:
 # ---- public --------------------------------------------------------------------------------------
 
 def load_state(source, parts=ALL_PARTS[:4], config: ViQConfig | None = None):
-    """(config, state dict in viq names, report) from any supported layout."""
+    """(config, state dict in viq names, report) from any supported layout: a viq directory, the
+    published reference layout, or a reference training checkpoint (converted in memory)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or directory")
@@ -321,6 +322,9 @@ def load_state(source, parts=ALL_PARTS[:4], config: ViQConfig | None = None):
         raise WeightsError(f"{path}: the published layout has no pixel decoder; use the VAE drawer (--decoder vae)")
     if is_viq_dir(path):
         cfg, state, report = viq_state(path, parts)
+    elif path.is_file() and path.suffix in (".pth", ".pt", ".bin", ".safetensors") \
+            and not path.name.startswith("model_viq_fsq"):
+        cfg, state, report = training_state(path, parts, config)
     else:
         folder = path.parent if path.is_file() else path
         if config is None and (folder / "config.json").is_file():
@@ -328,6 +332,17 @@ def load_state(source, parts=ALL_PARTS[:4], config: ViQConfig | None = None):
         cfg, state, report = reference_state(find_reference_files(path), parts, config)
     report.fingerprints = {p: tensors_fingerprint({k: v for k, v in state.items() if part_of(k) == p})
                            for p in parts}
+    return cfg, state, report
+
+
+def training_state(path: Path, parts, config: ViQConfig | None):
+    """A reference training checkpoint (``vision_tower.pth``), converted in memory as `viqctl convert` does."""
+    from viq.weights.convert import convert_training_checkpoint
+
+    cfg, full, recognised, dropped, adaptations = convert_training_checkpoint(path, None, config)
+    state = {k: v for k, v in full.items() if part_of(k) in parts}
+    report = LoadReport(str(path), "training", recognised, tuple(parts), {p: path.name for p in parts}, dropped,
+                        notes=[f"adapted: {a}" for a in adaptations])
     return cfg, state, report
 
 
