@@ -225,3 +225,32 @@ def test_convert_reexports_a_published_directory(tmp_path):
     a = load_tokenizer(ref, parts=parts, device="cpu").model.state_dict()
     b = load_tokenizer(tmp_path / "viq", parts=parts, device="cpu").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_a_step_checkpoint_of_a_viq_run(tmp_path):
+    """Input (b): any step of viq's own training run converts, and the last step gives exactly the
+    weights the finished run exported."""
+    from pathlib import Path
+
+    from viq.data import make_shapes_dataset
+    from viq.train import load_recipe
+    from viq.train.run import train
+
+    make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=2, seed=4)
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    recipe = load_recipe(tiny, overrides=[f"paths.data={tmp_path / 'shapes'}", f"run.output_dir={tmp_path / 'runs'}",
+                                          "optim.max_steps=2", "runtime.save_every=1", "runtime.keep_last=2",
+                                          "data.num_workers=0", "data.val_path=null",
+                                          "runtime.eval_every=null"])
+    res = train(recipe, eval_at_start=False)
+    steps = sorted((res.out_dir / "checkpoints").glob("step-*"))
+    assert [s.name for s in steps] == ["step-00000001", "step-00000002"]
+    report = convert(steps[-1], tmp_path / "from-step")
+    assert report.kind == "viq training checkpoint" and "step 2" in report.recognised
+    parts = ("encoder", "pool", "decoder", "drawer")
+    a = load_tokenizer(res.viq_dir, parts=parts, device="cpu").model.state_dict()
+    b = load_tokenizer(tmp_path / "from-step", parts=parts, device="cpu").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    early = convert(steps[0], tmp_path / "from-step-1")
+    c = load_tokenizer(tmp_path / "from-step-1", parts=parts, device="cpu").model.state_dict()
+    assert "step 1" in early.recognised and not all(torch.equal(a[k], c[k]) for k in a)  # it did train

@@ -34,7 +34,8 @@ def _levels(values: Optional[List[str]]) -> Optional[list[int]]:
 
 def convert(
     checkpoint: Path = typer.Argument(..., help="vision_tower.pth of a reference training run, a viq training "
-                                                "run folder, or a weights directory to re-export."),
+                                                "run folder or one of its checkpoints/step-N, or a weights "
+                                                "directory to re-export."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output viq weights directory."),
     size: Optional[str] = typer.Option(None, "--size", help="FSQ preset: 2k, 4k, 8k, 16k or 64k."),
     levels: Optional[List[str]] = typer.Option(None, "--levels", help="FSQ levels, e.g. --levels 8 8 8 6 5 "

@@ -126,6 +126,12 @@ def convert_training_checkpoint(path: Path, levels: list[int] | None, config: Vi
     return cfg, enc, recognised, dropped, adaptations
 
 
+def _is_step_checkpoint(path: Path) -> bool:
+    from viq.train.export import is_step_checkpoint
+
+    return is_step_checkpoint(path)
+
+
 def files_digest(folder: Path) -> str:
     """One sha256 for the weights and config files of a folder (names and contents, in name order)."""
     h = hashlib.sha256()
@@ -148,6 +154,15 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
             "model_viq_fsq"):
         cfg, state, recognised, dropped, adaptations = convert_training_checkpoint(src, lv, config)
         kind, digest = "reference training checkpoint", sha256_file(src)
+    elif src.is_dir() and _is_step_checkpoint(src):
+        # one step of viq's own training run: rebuilt from the run's recipe.yaml, as the run would export it
+        from viq.train.export import step_checkpoint_state
+
+        cfg, state, recognised = step_checkpoint_state(src)
+        if lv is not None and list(cfg.head.levels) != list(lv):
+            raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
+        dropped, adaptations = {}, []
+        kind, digest = "viq training checkpoint", files_digest(src)
     elif src.is_dir() and (src / "training.json").is_file():
         # viq's own training run folder: its inference weights are written to <run>/viq at the end
         weights = src / "viq"
