@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,15 +22,20 @@ def recipe(root: Path, out: str, *extra):
         "runtime.keep_last=3", "runtime.log_every=2", "data.num_workers=0", *extra])
 
 
-def test_resume_gives_the_same_losses_and_weights(tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    # DataLoader worker processes, and a frozen LLM with DoRA adapters (what the 2-2 stage trains)
+    ["data.num_workers=2", "llm.trainable=false", "llm.lora={enabled: true, r: 4, alpha: 8, dropout: 0.0, dora: true}"],
+], ids=["in-process", "workers-dora"])
+def test_resume_gives_the_same_losses_and_weights(tmp_path, extra):
     make_shapes_dataset(tmp_path / "shapes", n_train=16, n_val=0, seed=5)  # 4 steps an epoch: crosses one
-    full = train(recipe(tmp_path, "a"))
+    full = train(recipe(tmp_path, "a", *extra))
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "a" / "checkpoints")] == \
         ["step-00000003", "step-00000006"]
     # a run that stopped after step 3: only its checkpoint exists
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000003", tmp_path / "b" / "checkpoints" / "step-00000003")
-    resumed = train(recipe(tmp_path, "b"), resume=True)
+    resumed = train(recipe(tmp_path, "b", *extra), resume=True)
     assert resumed.resumed_from.name == "step-00000003"
     assert [r["step"] for r in resumed.history] == [4, 5, 6]
     assert resumed.history == full.history[3:]  # every loss term, LR and grad norm, bit for bit
