@@ -24,8 +24,8 @@ trained tensors: projector ``image_encoder.projector.*`` and ``llm.*`` LoRA or f
 ``PackedMLLM`` names), ``training.json``, ``tokenizer.json`` (word tokenizer of tiny runs) and
 ``metrics.json`` (final loss, and held-out caption-token accuracy on ``data.val_path`` when given).
 
-Single process is what is tested; several processes go through accelerate's DDP wrapping but have
-not been exercised here.
+Several processes go through accelerate's DDP wrapping (tested with two CPU processes on gloo:
+disjoint samples at every step, one model written).
 """
 
 from __future__ import annotations
