@@ -40,3 +40,37 @@ def test_deepspeed_settings_need_no_dataloader(name, stage):
     assert cfg["train_micro_batch_size_per_gpu"] == recipe.data.micro_batch_size
     assert cfg["zero_optimization"]["stage"] == recipe.runtime.deepspeed_zero
     assert cfg["gradient_accumulation_steps"] == recipe.optim.grad_accum
+
+
+LLM_CASES = [(p.name, s) for p in sorted(RECIPES.glob("*.yaml")) if not p.name.startswith("tiny")
+             for s in [None] + list_stages(p)
+             if (r := load_recipe(p, stage=s)).llm is not None and r.llm.tiny is None]
+
+
+@pytest.mark.parametrize("name,stage", LLM_CASES)
+def test_full_recipe_llm_and_projector_build_on_meta(name, stage):
+    """The recipe's Qwen2.5 (its published 0.5B config), its LoRA/DoRA and projector, on meta."""
+    from transformers import Qwen2ForCausalLM
+
+    from viq.bench import qwen2_config
+    from viq.mllm.model import Projector, apply_lora
+
+    recipe = load_recipe(RECIPES / name, stage=stage)
+    assert recipe.llm.name_or_path == "qwen2.5-0.5b"
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(qwen2_config("0.5b"))
+        llm.requires_grad_(bool(recipe.llm.trainable))
+        if recipe.llm.lora.enabled:
+            llm = apply_lora(llm, recipe.llm.lora)
+        width = recipe.viq_config().vit.width  # ViT tokens, or the embedder's features (the same width)
+        proj = Projector(width, llm.get_input_embeddings().embedding_dim, recipe.llm.projector.type,
+                         recipe.llm.projector.pool)
+    total = sum(p.numel() for p in llm.parameters())
+    trainable = {n for n, p in llm.named_parameters() if p.requires_grad}
+    assert 0.49e9 < total - sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n) < 0.51e9
+    if recipe.llm.lora.enabled:
+        assert trainable and all("lora_" in n for n in trainable)
+        assert any("lora_magnitude" in n for n in trainable) == recipe.llm.lora.dora
+    else:
+        assert len(trainable) == len(list(llm.parameters())) or not recipe.llm.trainable
+    assert sum(p.numel() for p in proj.parameters()) > 0
