@@ -30,6 +30,7 @@ def test_readme_main_command_encodes_and_reconstructs(tmp_path):
         args = step.replace("out/", f"{tmp_path}/").split()[1:]
         p = subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
+        assert "bundled demo model" in p.stderr  # each command says which model it runs
     photos = sorted(p.stem for p in (ROOT / "viq/assets/examples").iterdir() if p.suffix.lower() in {".jpg", ".png"})
     drawn = sorted(tmp_path.joinpath("recon").glob("**/*.png"))
     assert len(drawn) == len(photos) >= 3

@@ -44,6 +44,20 @@ def warn_if_random(model_dir, parts=("drawer",)) -> None:
                   "and features are trained.", highlight=False)
 
 
+def say_model(tok, quiet: bool = False) -> None:
+    """One line naming the model a command runs (which file layout, which architecture)."""
+    if quiet or tok.report is None:
+        return
+    from viq.tokenizer import DEMO_MODEL
+
+    r = tok.report
+    if Path(tok.source).resolve() == DEMO_MODEL.resolve():
+        what = "the bundled demo model (tiny, trained on synthetic shapes; pass --model for real weights)"
+    else:
+        what = f"{tok.source}"
+    err.print(f"model: {what} [{r.layout} layout, {r.recognised}]", highlight=False, soft_wrap=True)
+
+
 def distributed():
     """(rank, world_size, barrier, device) under accelerate launch / torchrun; (0, 1, None, None) otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           models_dir_of, warn_if_random)
+                           models_dir_of, say_model, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json
 
 IdsOpt = typer.Option(None, "--ids", help="Comma-separated ids to decode (default: all).")
@@ -28,6 +28,7 @@ def _open(store_dir: Path, model: Optional[str], models_dir, device, dtype, part
     path = resolve_source(source, models_dir_of(models_dir))
     warn_if_random(path, parts)
     tok = load_tokenizer(path, parts=parts, device=device_of(device), dtype=dtype)
+    say_model(tok)
     return store, tok
 
 

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           close_distributed, distributed, models_dir_of, warn_if_random)
+                           close_distributed, distributed, models_dir_of, say_model, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json
 
 
@@ -49,8 +49,7 @@ def encode(
         if rank == 0:
             warn_if_random(src_path, parts=())
         tok = load_tokenizer(src_path, parts=("encoder",), device=dist_device or device_of(device), dtype=dtype)
-        if rank == 0 and tok.report and tok.report.layout == "reference":
-            err.print(f"loaded reference layout ({tok.report.recognised})", highlight=False)
+        say_model(tok, quiet=rank != 0)
         fps = model_fingerprints(src_path)
         opts = EncodeOptions(policy=resize, token_budget=token_budget, rows_per_shard=rows_per_shard, workers=workers)
         columns = [TextColumn("[bold]encode"), BarColumn(), MofNCompleteColumn(),
