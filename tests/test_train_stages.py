@@ -47,6 +47,7 @@ def test_stage_trains_with_finite_losses(staged, stage):
     assert (r.viq_dir is not None) == (stage in ("2-2", "base"))  # only FSQ students have codes to export
     final = r.metrics["eval"]["final"]
     assert 0 <= final["caption_token_accuracy"] <= 1 and final["samples"] == 4
+    assert 0 <= final["caption_token_accuracy_image_blind"] <= 1  # the bar the image has to lift it above
     if stage != "1":
         assert math.isfinite(final["latent_mse"])
 

@@ -41,7 +41,8 @@ def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelera
     """Held-out metrics, each process on its share of the samples, summed across processes.
 
     caption_token_accuracy: teacher-forced argmax accuracy on answer tokens, the image entering as
-    its (quantized) codes. attribute_accuracy: greedy captions parsed back into the synthetic
+    its (quantized) codes; ``_image_blind``: the same with the image tokens zeroed (the bar the
+    image must lift the accuracy above). attribute_accuracy: greedy captions parsed back into the synthetic
     attributes (only for samples that carry them). latent_mse: drawer latent vs VAE posterior mean.
     """
     from viq.data.synthetic import parse_caption
@@ -51,7 +52,7 @@ def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelera
     n = len(spec.dataset) if spec.limit is None else min(spec.limit, len(spec.dataset))
     mine = list(range(accelerator.process_index, n, accelerator.num_processes))
     device = accelerator.device
-    sums = {k: 0.0 for k in ("lm_ce_sum", "supervised", "correct", "rec_sum", "rec_images", "cos_sum", "cos_images",
+    sums = {k: 0.0 for k in ("lm_ce_sum", "supervised", "correct", "correct_blind", "rec_sum", "rec_images", "cos_sum", "cos_images",
                              "skipped", *(f"attr_{a}" for a in ATTRIBUTES), "attr_samples")}
     student, mllm = model.student, model.mllm
     plan = model.plan
@@ -89,6 +90,10 @@ def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelera
                 sums["lm_ce_sum"] += float(lm.loss) * lm.n_supervised
                 sums["supervised"] += lm.n_supervised
                 sums["correct"] += float(lm.n_correct)
+                if feats:  # the same answers with the image tokens zeroed: what the text alone predicts
+                    blind = mllm(batch.input_ids, batch.labels, batch.image_positions,
+                                 [torch.zeros_like(e) for e in embeds])
+                    sums["correct_blind"] += float(blind.n_correct)
                 if spec.generate:
                     _generate_and_score(mllm, batch, embeds, spec, sums, parse_caption)
     totals = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=device)
@@ -98,6 +103,7 @@ def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelera
     metrics: dict = {"samples": n, "skipped": int(s["skipped"])}
     if s["supervised"]:
         metrics["caption_token_accuracy"] = s["correct"] / s["supervised"]
+        metrics["caption_token_accuracy_image_blind"] = s["correct_blind"] / s["supervised"]
         metrics["lm_ce"] = s["lm_ce_sum"] / s["supervised"]
     if s["rec_images"]:
         metrics["latent_mse"] = s["rec_sum"] / s["rec_images"]
