@@ -5,7 +5,9 @@
 
 Random weights are fine for timing. Both paths run in this process, alternately, so drift hits both;
 the script prints the ratio. ``--from-file`` first writes the weights in the reference layout and
-loads only the encoding parts, then compares peak RSS with the size of the whole encoder file.
+loads only the encoding parts, then compares peak RSS with the size of the whole encoder file and
+with a baseline measured in a child process: the whole file read into memory and a full model
+built and filled from it, as the reference loads it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ import torch
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. /proc's VmHWM, not ru_maxrss: Linux carries ru_maxrss
+    across exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -39,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--from-file", action="store_true", help="load the encoder from a reference-layout file")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-file", default=None, help=argparse.SUPPRESS)  # child process: write weights, exit
+    ap.add_argument("--whole-file-load", default=None, help=argparse.SUPPRESS)  # child: the baseline load
     args = ap.parse_args(argv)
 
     from viq.config import preset_config
@@ -56,6 +68,16 @@ def main(argv=None):
         torch.manual_seed(0)
         export_reference(ViQModel(cfg).state_dict(), cfg, Path(args.write_file), args.size)
         return {"written": args.write_file}
+    if args.whole_file_load:
+        # the reference's way: torch.load the whole file (no mmap), build every part, copy the tensors in
+        sd = torch.load(Path(args.whole_file_load) / f"model_viq_fsq_{args.size}.pth", map_location="cpu",
+                        weights_only=True)
+        model = ViQModel(cfg)
+        model.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)  # touch every tensor
+        for t in sd.values():
+            t.add_(0)  # resident, as after a real copy
+        print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
+        return {"baseline": True}
     if args.from_file:
         import subprocess
 
@@ -113,10 +135,17 @@ def main(argv=None):
     if file_bytes is not None:
         import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
         result["encoder_file_bytes"] = file_bytes
         result["peak_rss_over_file"] = result["peak_rss_bytes"] / file_bytes
         result["rss_before_load_bytes"] = rss_before
+        import subprocess
+
+        p = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--size", args.size,
+                            "--whole-file-load", str(tmp)], check=True, capture_output=True, text=True)
+        base = json.loads(p.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+        result["baseline_whole_file_peak_rss_bytes"] = base
+        result["peak_rss_over_baseline"] = result["peak_rss_bytes"] / base
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
