@@ -326,9 +326,7 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
         raw_dec.eval()
         metrics = evaluate(tok, raw_dec, val_images, eval_limit, lpips, dev)
         raw_dec.train()
-        if acc.is_main_process:
-            log.info("eval (%s): %s", label, format_metrics(metrics))
-        writer.scalars("eval", metrics, step)
+        writer.eval_done(label, metrics, step, acc.is_main_process)
         emit("eval", {"label": label, **metrics})
         return metrics
 

@@ -23,7 +23,7 @@ from viq.train.evaluate import EvalSpec, evaluate
 from viq.train.losses import CodebookUsage
 from viq.train.model import TrainModel, load_exact, trained_state
 from viq.train.optim import make_optimizer, make_scheduler
-from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn
 from viq.train.targets import FrozenTargets
 
 log = logging.getLogger("viq.train")
@@ -309,8 +309,6 @@ class Trainer:
     def _evaluate(self, label: str) -> dict:
         metrics = evaluate(self.acc.unwrap_model(self.model) if hasattr(self, "model") else self.raw_model,
                            self.targets, self.eval_spec, self.acc)
-        if self.is_main:
-            log.info("eval (%s): %s", label, format_metrics(metrics))
-            self.writer.scalars("eval", metrics, self.step)
+        self.writer.eval_done(label, metrics, self.step, self.is_main)
         self._emit("eval", {"label": label, **metrics})
         return metrics

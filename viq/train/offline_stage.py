@@ -42,7 +42,7 @@ import torch
 from viq.errors import ConfigError, WeightsError
 from viq.train import checkpoint as ckpt
 from viq.train.optim import make_optimizer, make_scheduler, total_steps
-from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn
 
 log = logging.getLogger("viq.train.offline")
 
@@ -276,9 +276,7 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
         raw.eval()
         metrics = evaluate(raw, val_ds, eval_limit, L, tokens_fn, pad_id, R, dev, acc)
         raw.train()
-        if acc.is_main_process:
-            log.info("eval (%s): %s", label, format_metrics(metrics))
-        writer.scalars("eval", metrics, step)
+        writer.eval_done(label, metrics, step, acc.is_main_process)
         emit("eval", {"label": label, **metrics})
         return metrics
 

@@ -60,6 +60,13 @@ class MetricsWriter:
     def active(self) -> bool:
         return self._writer is not None
 
+    def eval_done(self, label: str, metrics: dict, step: int, main: bool) -> dict:
+        """An evaluation's one log line (main process) and its scalars; returns the metrics."""
+        if main:
+            log.info("eval (%s): %s", label, format_metrics(metrics))
+        self.scalars("eval", metrics, step)
+        return metrics
+
     def scalars(self, group: str, metrics: dict, step: int) -> None:
         if self._writer is not None:
             for k, v in flat_metrics(metrics).items():
