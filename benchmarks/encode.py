@@ -70,8 +70,8 @@ def main(argv=None):
         return {"written": args.write_file}
     if args.whole_file_load:
         # the reference's way: torch.load the whole file (no mmap), build every part, copy the tensors in
-        sd = torch.load(Path(args.whole_file_load) / f"model_viq_fsq_{args.size}.pth", map_location="cpu",
-                        weights_only=True)
+        weights = Path(args.whole_file_load) / f"model_viq_fsq_{args.size}.pth"
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
         model = ViQModel(cfg)
         model.load_state_dict({k: v for k, v in model.state_dict().items()}, strict=False)  # touch every tensor
         for t in sd.values():

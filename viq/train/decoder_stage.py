@@ -53,7 +53,7 @@ from viq.images import to_pixels
 from viq.nn.vit import Packing
 from viq.train import checkpoint as ckpt
 from viq.train.optim import make_optimizer, make_scheduler, total_steps
-from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, format_metrics
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, due, format_metrics
 
 log = logging.getLogger("viq.train.decoder")
 
@@ -381,13 +381,13 @@ def train_decoder(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
         if bad:
             raise FloatingPointError(f"step {step}: non-finite loss terms {bad}")
         emit("step", rec)
-        if step % rt.log_every == 0 or step == steps:
+        if due(rt.log_every, step, steps):
             log.info("step %d/%d %s", step, steps, format_metrics(sums))
             writer.scalars("train", rec, step)
             emit("log", rec)
-        if val_images is not None and rt.eval_every and step % rt.eval_every == 0 and step != steps:
+        if val_images is not None and due(rt.eval_every, step, steps, at_end=False):
             evals[f"step-{step}"] = run_eval(f"step {step}")
-        if step % rt.save_every == 0 or step == steps:
+        if due(rt.save_every, step, steps):
             last_ckpt = save()
     elapsed = time.time() - t0
 

@@ -23,7 +23,7 @@ from viq.train.evaluate import EvalSpec, evaluate
 from viq.train.losses import CodebookUsage
 from viq.train.model import TrainModel, load_exact, trained_state
 from viq.train.optim import make_optimizer, make_scheduler
-from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, due
 from viq.train.targets import FrozenTargets
 
 log = logging.getLogger("viq.train")
@@ -252,14 +252,13 @@ class Trainer:
                 if k != "step":
                     window.setdefault(k, []).append(v)
             self._emit("step", record, step_samples)
-            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+            if due(cfg.log_every, self.step, cfg.total_steps):
                 elapsed = max(time.time() - t_window, 1e-9)
                 self.last_log = self._log(window, usage, tokens_seen / elapsed)
                 window, tokens_seen, t_window = {}, 0, time.time()
-            if self.eval_spec is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
-                    and self.step != cfg.total_steps:
+            if self.eval_spec is not None and due(cfg.eval_every, self.step, cfg.total_steps, at_end=False):
                 self.evals[f"step-{self.step}"] = self._evaluate(f"step {self.step}")
-            if self.step % cfg.save_every == 0 or self.step == cfg.total_steps:
+            if due(cfg.save_every, self.step, cfg.total_steps):
                 last_ckpt = self.save()
         if self.eval_spec is not None:
             self.evals["final"] = self._evaluate("final")

@@ -42,7 +42,7 @@ import torch
 from viq.errors import ConfigError, WeightsError
 from viq.train import checkpoint as ckpt
 from viq.train.optim import make_optimizer, make_scheduler, total_steps
-from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn
+from viq.train.progress import MetricsWriter, ProgressEvent, ProgressFn, due
 
 log = logging.getLogger("viq.train.offline")
 
@@ -320,13 +320,13 @@ def train_offline(recipe, progress: Optional[ProgressFn] = None, resume: Optiona
             raise FloatingPointError(f"step {step}: non-finite loss {loss_sum}")
         if progress is not None:
             progress(ProgressEvent("step", step, steps, rec, indices, main=acc.is_main_process))
-        if step % rt.log_every == 0 or step == steps:
+        if due(rt.log_every, step, steps):
             log.info("step %d/%d loss=%.4g lr=%.3g tokens/s=%.0f", step, steps, loss_sum, lr, rec["tokens_per_s"])
             writer.scalars("train", rec, step)
             emit("log", rec)
-        if val_ds is not None and rt.eval_every and step % rt.eval_every == 0 and step != steps:
+        if val_ds is not None and due(rt.eval_every, step, steps, at_end=False):
             evals[f"step-{step}"] = run_eval(f"step {step}")
-        if step % rt.save_every == 0 or step == steps:
+        if due(rt.save_every, step, steps):
             last_ckpt = save()
     elapsed = time.time() - t0
 

@@ -26,6 +26,17 @@ class ProgressEvent:
 ProgressFn = Callable[[ProgressEvent], None]
 
 
+def due(every: Optional[int], step: int, total: int, at_end: bool = True) -> bool:
+    """Whether a periodic action (log, eval, save every ``every`` steps) falls on ``step``.
+
+    ``at_end``: also on the last step. Evaluations pass False, since every loop runs its final
+    evaluation after the last step anyway.
+    """
+    if step == total:
+        return at_end
+    return bool(every) and step % every == 0
+
+
 def flat_metrics(d: dict, prefix: str = "") -> dict:
     """Nested metrics as ``{"a/b": number}``; non-numbers are left out."""
     out = {}
