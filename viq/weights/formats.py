@@ -195,10 +195,13 @@ def reference_state(ref: ReferenceFiles, parts, config: ViQConfig | None):
         rows = emb["head.codebook"].shape[0] if emb is not None else None
         config, recognised = infer_reference_config(enc, ref.size, rows)
 
-    full = expected_shapes(config)
+    # The drawer's VAE skeleton needs diffusers: build its shapes only when the drawer is asked for.
+    full = expected_shapes(config, ALL_PARTS[:4] if "drawer" in parts else ALL_PARTS[:3])
     state: dict[str, torch.Tensor] = {}
     if enc is not None:
         exp = {k: s for k, s in full.items() if k != "head.codebook"}
+        if "drawer" not in parts:  # its tensors ride along in the file, unread
+            exp.update({k: tuple(v.shape) for k, v in enc.items() if k.startswith(PART_PREFIXES["drawer"])})
         check_keys(str(ref.encoder), enc, exp, unexpected_extra=unknown, file_keymap=keymaps.ENCODER_FILE)
     if "encoder" in parts or "pool" in parts:
         if enc is None:
