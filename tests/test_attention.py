@@ -57,3 +57,25 @@ def test_bfloat16_run_keeps_fsq_in_float32():
     assert model_bf.head.fsq.quantize(z.to(torch.bfloat16)).dtype == torch.float32
     agree = (idx16 == idx32).float().mean().item()
     assert agree > 0.3  # bf16 flips codes near bin edges, not wholesale
+
+
+def test_every_cpu_backend_matches_the_loop():
+    torch.manual_seed(0)
+    seg = Segments((5, 130, 1, 40))
+    q, k, v = (torch.randn(seg.total, 2, 8) for _ in range(3))
+    ref = packed_attention(q, k, v, seg, 0.3, backend="loop")
+    for name in attention.available_backends(q):
+        out = packed_attention(q, k, v, seg, 0.3, backend=name)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=name)
+    assert attention.default_backend(q) == "loop"  # the exact path stays the CPU default
+
+
+def test_forced_backend_gives_the_same_codes():
+    torch.manual_seed(0)
+    model = ViQModel(tiny_config(), parts=("encoder",)).eval()
+    ims = [torch.rand(3, 32, 48) * 2 - 1, torch.rand(3, 16, 16) * 2 - 1, torch.rand(3, 48, 16) * 2 - 1]
+    with torch.no_grad():
+        ref, _ = model.encode(ims)
+        with attention.attention_backend("nested"):
+            nested, _ = model.encode(ims)
+    assert torch.equal(ref, nested)

@@ -1,12 +1,25 @@
 """Packed (variable-length) attention: several images in one sequence, each attending only to itself.
 
-flash-attn's varlen kernel is used on CUDA when it is installed and the dtype is half/bf16;
-otherwise an exact PyTorch path runs scaled-dot-product attention segment by segment.
-Both compute the same function (up to float rounding).
+Backends, all computing the same function (up to float rounding):
+
+* ``loop``: scaled-dot-product attention segment by segment. Exact, runs everywhere; the CPU default
+  (measured fastest there: the others fall back to materialising scores or add dispatch cost).
+* ``flash``: flash-attn's varlen kernel (``pip install viq[flash]``), CUDA half/bf16 only.
+* ``varlen``: torch's own varlen kernel (``torch.nn.attention.varlen``, the flash kernels shipped
+  in torch), CUDA half/bf16 only.
+* ``nested``: SDPA on a nested jagged tensor (torch picks flash / memory-efficient kernels on CUDA).
+* ``flex``: compiled FlexAttention with a block-diagonal block mask.
+
+``auto`` picks flash when installed, else torch's varlen kernel, on CUDA in half precision, and the
+loop otherwise. ``benchmarks/gpu_check.py`` times every backend on the GPU it runs on, so the CUDA
+default can be confirmed by measurement; ``attention_backend(name)`` forces one for a block of code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +29,14 @@ try:  # optional extra: pip install viq[flash]
     from flash_attn import flash_attn_varlen_func as _flash_varlen
 except Exception:  # pragma: no cover - not installable without CUDA
     _flash_varlen = None
+
+try:  # torch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+except Exception:  # pragma: no cover - older torch
+    _torch_varlen = None
+
+BACKENDS = ("auto", "loop", "flash", "varlen", "nested", "flex")
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("viq_attention_backend", default="auto")
 
 
 @dataclass(frozen=True)
@@ -42,19 +63,77 @@ class Segments:
         return Segments(tuple(n * factor for n in self.lengths))
 
 
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Run the enclosed code with one packed-attention backend (``auto`` restores the default)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def flash_available(t: torch.Tensor) -> bool:
     return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
 
+def available_backends(t: torch.Tensor) -> list[str]:
+    """The backends that can run on ``t``'s device and dtype."""
+    out = ["loop", "nested", "flex"]
+    half = t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+    if _torch_varlen is not None and half:
+        out.insert(1, "varlen")
+    if flash_available(t):
+        out.insert(1, "flash")
+    return out
+
+
+def default_backend(t: torch.Tensor) -> str:
+    if flash_available(t):
+        return "flash"
+    if _torch_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16):
+        return "varlen"
+    return "loop"
+
+
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
-                     scale: float, use_flash: bool | None = None) -> torch.Tensor:
-    """Non-causal attention per segment. q, k, v: (T, heads, head_dim) -> (T, heads, head_dim)."""
-    if use_flash is None:
-        use_flash = flash_available(q)
-    if use_flash:
+                     scale: float, use_flash: bool | None = None, backend: str | None = None) -> torch.Tensor:
+    """Non-causal attention per segment. q, k, v: (T, heads, head_dim) -> (T, heads, head_dim).
+
+    ``use_flash`` (kept for callers that predate ``backend``): True = flash, False = loop.
+    """
+    if backend is None or backend == "auto":
+        backend = _forced.get()
+    if use_flash is not None:
+        backend = "flash" if use_flash else "loop"
+    if backend == "auto":
+        backend = default_backend(q)
+    if backend == "flash":
         cu = segments.cu_seqlens(q.device)
         return _flash_varlen(q, k, v, cu, cu, segments.max_len, segments.max_len,
                              softmax_scale=scale, causal=False)
+    if len(segments.lengths) == 1 or backend == "loop":
+        return _loop(q, k, v, segments, scale)
+    if backend == "varlen":
+        cu = segments.cu_seqlens(q.device)
+        return _torch_varlen(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scale)
+    if backend == "nested":
+        return _nested(q, k, v, segments, scale)
+    if backend == "flex":
+        return _flex(q, k, v, segments, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def _sdpa(q, k, v, scale):
+    # (L, H, D) -> (1, H, L, D) for SDPA and back.
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                       v.transpose(0, 1)[None], scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def _loop(q, k, v, segments: Segments, scale):
     if len(segments.lengths) == 1:
         return _sdpa(q, k, v, scale)
     outs = []
@@ -66,8 +145,42 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
     return torch.cat(outs, dim=0)
 
 
-def _sdpa(q, k, v, scale):
-    # (L, H, D) -> (1, H, L, D) for SDPA and back.
-    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                       v.transpose(0, 1)[None], scale=scale)
-    return o[0].transpose(0, 1)
+def _nested(q, k, v, segments: Segments, scale):
+    offsets = segments.cu_seqlens(q.device).to(torch.int64)
+    nq, nk, nv = (torch.nested.nested_tensor_from_jagged(x.contiguous(), offsets).transpose(1, 2)
+                  for x in (q, k, v))
+    o = F.scaled_dot_product_attention(nq, nk, nv, scale=scale)  # (B, H, j, D)
+    return o.transpose(1, 2).values()
+
+
+FLEX_BLOCK = 128  # FlexAttention's block size: sequences are padded to it (fewer recompiles too)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_mask(lengths: tuple[int, ...], padded: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total = sum(lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    doc = torch.cat((doc, torch.full((padded - total,), -1, dtype=doc.dtype))).to(device)  # padding: its own block
+
+    def same_image(b, h, qi, ki):
+        return doc[qi] == doc[ki]
+
+    return create_block_mask(same_image, None, None, padded, padded, device=device)
+
+
+def _flex(q, k, v, segments: Segments, scale):
+    t = q.shape[0]
+    padded = -(-t // FLEX_BLOCK) * FLEX_BLOCK
+    mask = _block_mask(segments.lengths, padded, str(q.device))
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, padded - t)).transpose(0, 1)[None] for x in (q, k, v))
+    o = _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)[:t]
