@@ -98,7 +98,8 @@ class ViQTokenizer:
         """Preprocessed images (3, H, W) in [-1, 1], packed into one sequence -> codes (h, w, 4) int64."""
         if not pixels:
             return []
-        images = [p.to(self.device, self.dtype) for p in pixels]
+        # pinned tensors (the encode pipeline pins on CUDA) copy asynchronously; cast on the device
+        images = [p.to(self.device, non_blocking=True).to(self.dtype) for p in pixels]
         indices, packing = self.model.encode(images)
         return [idx.reshape(h, w, self.config.head.slots).cpu()
                 for idx, (h, w) in zip(packing.split(indices, self.config.head.slots), packing.grids)]

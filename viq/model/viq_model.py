@@ -67,6 +67,14 @@ class ViQModel(nn.Module):
         if missing:
             raise ConfigError(f"this model was loaded without the part(s) {missing}; load it with parts={list(parts)}")
 
+    def compile_encoder(self, **kwargs) -> None:
+        """torch.compile the ViT's MLPs in place (dynamic shapes: packed lengths vary per batch).
+
+        Only the MLPs: attention keeps its per-image segments eager, so no recompiles per packing."""
+        self.require("encoder")
+        for blk in self.vit.blocks:
+            blk.mlp.compile(dynamic=True, **kwargs)
+
     # ---- the data flow ------------------------------------------------------------------------
     def encode(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packing]:
         """Images (3, H, W) in [-1, 1] -> packed indices (4T,) int64 and the packing."""
