@@ -600,6 +600,6 @@ def _lookup(name: str, root: Path, explicit_dir: bool = True) -> Path:
                        "see `viqctl download --list`")
     target = _find_target(entry, root / entry.folder)
     if target is None or _missing_in(entry, target):
-        raise HubError(f"{name} is not downloaded in {root}; run `viqctl download {name}`"
-                       + (f" --dir {root}" if explicit_dir else ""))
+        raise HubError(f"{name} is not downloaded in {root}; run `viqctl download {name}"
+                       + (f" --dir {root}" if explicit_dir else "") + "`")
     return target

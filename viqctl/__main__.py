@@ -16,17 +16,22 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the viq version and exit.")):
-    """ViQ discrete visual tokenizer.
-
-    Typical use: `viqctl encode images/ --out codes/`, then `viqctl reconstruct codes/ --out recon/`.
-    """
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         import viq
 
-        typer.echo(viq.__version__)
+        typer.echo(f"viq {viq.__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the viq version and exit.")):
+    """ViQ discrete visual tokenizer.
+
+    Typical use: `viqctl encode images/` (codes into ./codes), then `viqctl reconstruct codes --out recon/`.
+    Training recipes ship with viq: `viqctl recipes` lists them, `viqctl train --recipe tiny.yaml` runs one.
+    """
 
 
 # (module in viqctl/, function name, command name). Each module holds one command.
@@ -46,6 +51,7 @@ COMMANDS = [
 for module_name, func_name, command_name in COMMANDS:
     module = importlib.import_module(f"viqctl.{module_name}")
     app.command(command_name)(getattr(module, func_name))
+app.add_typer(importlib.import_module("viqctl.recipes").app, name="recipes")
 
 
 def gather_levels(argv: list[str]) -> list[str]:

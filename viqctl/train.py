@@ -33,9 +33,10 @@ def train(
     Checkpoints are written atomically every runtime.save_every steps; --resume continues exactly.
     """
     from viq.train import load_recipe
+    from viq.train.recipe.catalog import find_recipe
 
     with cli_errors(debug):
-        rec = load_recipe(recipe, stage=stage, overrides=overrides or [])
+        rec = load_recipe(find_recipe(recipe), stage=stage, overrides=overrides or [])  # a path, or a shipped name
         if print_config:
             out.print(rec.to_yaml(), highlight=False, markup=False, soft_wrap=True)
             return
