@@ -9,6 +9,7 @@ command again after a kill finishes the job; a changed file is encoded again.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 from viq.errors import ImageError
 from viq.images import Preprocessor, parse_policy
 from viq.packing import patch_grid
-from viq.sources import Source, sha256_file, shard_for_rank
+from viq.sources import DEFAULT_MAX_BYTES, Source, SourceReader, shard_for_rank
 from viq.store import CodeStoreWriter, finalize_store
 from viq.tokenizer import ViQTokenizer
 
@@ -27,11 +28,15 @@ from viq.tokenizer import ViQTokenizer
 @dataclass
 class EncodeOptions:
     policy: str = "native"
-    token_budget: int = 16384
+    #: patch tokens per packed batch; None: sized for the free accelerator memory (16384 on CPU)
+    token_budget: int | None = 16384
     rows_per_shard: int = 256
     max_input_pixels: int | None = 178_956_970
     workers: int = 4
     prefetch: int = 64
+    #: torch.compile the encoder's MLPs (GPU: fuses bias + GELU; the first batches pay the compile)
+    compile: bool = False
+    max_input_bytes: int = DEFAULT_MAX_BYTES  # a bigger file (or one still growing) fails
 
 
 @dataclass
@@ -70,24 +75,44 @@ def model_info(tok: ViQTokenizer, fingerprints: dict[str, str]) -> dict:
             "config": tok.config.model_dump(mode="json")}
 
 
+def resolve_token_budget(options: EncodeOptions, tok: ViQTokenizer) -> int:
+    """The options' budget, or one sized for the free memory of the tokenizer's CUDA device."""
+    if options.token_budget is not None:
+        return options.token_budget
+    if tok.device.type != "cuda":
+        return 16384
+    import torch
+
+    from viq.packing import token_budget_for_memory
+
+    free, _ = torch.cuda.mem_get_info(tok.device)
+    vit = tok.config.vit
+    return token_budget_for_memory(free, vit.width, vit.mlp_hidden, torch.finfo(tok.dtype).bits // 8)
+
+
 def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter, summary: EncodeSummary,
-              options: EncodeOptions) -> Iterator:
+              options: EncodeOptions, pin: bool = False) -> Iterator:
     """Yield (source, sha256, pixels, info) or (source, sha256, None, reason), in order, decoded ahead."""
 
+    reader = SourceReader(options.max_input_bytes)
+
     def work(src: Source):
-        try:
-            digest = sha256_file(src.path)
-        except OSError as exc:
-            return src, None, None, f"{src.path}: cannot read ({exc.strerror or exc})"
+        try:  # one read: files, tar members and dataset rows alike; only regular files are opened
+            data = reader.read(src)
+        except ImageError as exc:
+            return src, None, None, str(exc)
+        digest = hashlib.sha256(data).hexdigest()
         if not writer.needs_encoding(src.id, digest):
             return src, digest, None, None
         try:
-            pixels, info = prep(src.path, name=str(src.path))
+            pixels, info = prep(data, name=src.name)
+            if pin:  # page-locked here, in the worker thread, so the copy to the GPU does not block
+                pixels = pixels.pin_memory()
             return src, digest, pixels, info
         except ImageError as exc:
             return src, digest, None, str(exc)
         except Exception as exc:  # a decoder bug in a plugin must not stop the run either
-            return src, digest, None, f"{src.path}: unexpected error while decoding ({type(exc).__name__}: {exc})"
+            return src, digest, None, f"{src.name}: unexpected error while decoding ({type(exc).__name__}: {exc})"
 
     with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
         pending = []
@@ -103,14 +128,19 @@ def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter
 def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints: dict[str, str],
                     options: EncodeOptions | None = None, rank: int = 0, world_size: int = 1,
                     progress: Callable[[int], None] | None = None,
-                    barrier: Callable[[], None] | None = None) -> EncodeSummary:
-    """Encode this rank's share of ``sources`` into the store at ``out``; rank 0 finalizes it."""
+                    barrier: Callable[[], None] | None = None, finalize: bool = True) -> EncodeSummary:
+    """Encode this rank's share of ``sources`` into the store at ``out``; rank 0 finalizes it
+    (unless ``finalize`` is False: jobs of a ``--shard I/N`` array may still be writing)."""
     options = options or EncodeOptions()
     policy = parse_policy(options.policy)
     prep = Preprocessor(policy, options.max_input_pixels)
     mine = shard_for_rank(sources, rank, world_size)
     summary = EncodeSummary(str(out), rank, world_size, total=len(mine))
     start = time.perf_counter()
+    budget = resolve_token_budget(options, tok)
+    cuda = tok.device.type == "cuda"
+    if options.compile:
+        tok.model.compile_encoder()
     writer = CodeStoreWriter(out, model_info(tok, fingerprints), policy.describe(), rank, world_size,
                              options.rows_per_shard)
     batch: list = []
@@ -123,7 +153,7 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
         codes = tok.encode_pixels([b[2] for b in batch])
         for (src, digest, pixels, info), c in zip(batch, codes):
             w, h = info.size
-            writer.add(src.id, str(src.path), digest, w, h, c.numpy().astype(np.int64))
+            writer.add(src.id, src.name, digest, w, h, c.numpy().astype(np.int64))
             summary.tokens += c.shape[0] * c.shape[1]
         summary.encoded += len(batch)
         if progress:
@@ -131,27 +161,27 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
         batch, used = [], 0
 
     with writer:
-        for src, digest, pixels, info in _prepared(mine, prep, writer, summary, options):
+        for src, digest, pixels, info in _prepared(mine, prep, writer, summary, options, pin=cuda):
             if pixels is None:
                 if info is None and digest is not None:
                     summary.skipped += 1
                 else:
                     reason = info if isinstance(info, str) else "unknown error"
-                    writer.add_failure(src.id, str(src.path), reason)
+                    writer.add_failure(src.id, src.name, reason)
                     summary.failed += 1
-                    summary.failures.append({"id": src.id, "source": str(src.path), "reason": reason})
+                    summary.failures.append({"id": src.id, "source": src.name, "reason": reason})
                 if progress:
                     progress(1)
                 continue
             h, w = patch_grid(pixels.shape[2], pixels.shape[1], tok.patch)
-            if batch and used + h * w > options.token_budget:
+            if batch and used + h * w > budget:
                 run_batch()
             batch.append((src, digest, pixels, info))
             used += h * w
         run_batch()
     if barrier is not None:
         barrier()
-    if rank == 0:
+    if rank == 0 and finalize:
         finalize_store(out)
     if barrier is not None:
         barrier()
