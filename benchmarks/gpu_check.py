@@ -1,0 +1,244 @@
+"""One prepared GPU check: encode throughput and MFU, attention backends, bf16 vs fp32 codes, the bench.
+
+    python benchmarks/gpu_check.py --out gpu_check.json      # one H100/H200: about 5-8 minutes
+    python benchmarks/gpu_check.py --tiny --out tiny.json    # CPU, seconds: what the tests run
+
+Random weights in the published layouts (timing does not depend on the values; nothing is
+downloaded). Every section is timed in this process after warm-up, with device synchronisation,
+and records its own baseline: MFU against the GPU's data-sheet bf16 peak and against a bf16 matmul
+measured in the same run; each attention backend against the exact per-image loop; bf16 codes
+against fp32 codes of the same images; offline against online MLLM steps. A section that fails
+(out of memory, a missing kernel) is recorded with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+FULL = dict(arch="giant", square=1024, mixed=[(256, 256), (512, 512), (640, 480), (1024, 768), (768, 1024),
+                                               (1024, 1024), (448, 336), (896, 896)],
+            images=32, token_budget=65536, agree_images=8, agree_side=512, attn_lens=[1024, 4096, 1200, 256, 3072],
+            seq="4k,16k", llm="0.5b,1.5b", encoder="giant", image_size=(896, 896), warmup=1, repeats=3)
+TINY = dict(arch="tiny", square=64, mixed=[(32, 32), (48, 32), (64, 48)], images=4, token_budget=256,
+            agree_images=2, agree_side=64, attn_lens=[16, 40, 4], seq="256", llm="tiny", encoder="tiny",
+            image_size=(64, 64), warmup=0, repeats=1, skip_backends=["flex"])  # flex: a compile, tested elsewhere
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def section(results: dict, name: str, fn) -> None:
+    """Run one section; record its result or its error, never stop the whole check."""
+    t0 = time.perf_counter()
+    print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
+    try:
+        results[name] = fn()
+    except Exception as exc:  # recorded, so one broken section does not hide the others
+        results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         "traceback": traceback.format_exc(limit=4)}
+        if device_is_cuda():
+            torch.cuda.empty_cache()
+    results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 2)
+    print(f"[gpu_check] {name}: {results.setdefault('section_seconds', {})[name]} s", file=sys.stderr, flush=True)
+
+
+def device_is_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def machine(device: str, dtype: torch.dtype) -> dict:
+    from viq.nn.flops import gpu_peak_flops, matmul_flops_per_s
+
+    info = {"torch": torch.__version__, "device": device, "dtype": str(dtype).removeprefix("torch.")}
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0)
+        info.update(device_name=name, cuda=torch.version.cuda, peak_bf16_flops=gpu_peak_flops(name),
+                    memory_bytes=torch.cuda.get_device_properties(0).total_memory)
+        info["matmul_flops_per_s"] = matmul_flops_per_s(device, dtype, n=8192, seconds=2.0)
+    else:
+        import os
+
+        info.update(device_name="cpu", cpu_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                    peak_bf16_flops=None)
+        info["matmul_flops_per_s"] = matmul_flops_per_s(device, dtype, n=512, seconds=0.2)
+    return info
+
+
+def random_images(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) * 2 - 1 for w, h in shapes]
+
+
+def encode_rate(tok, shapes, budget: int, device: str, p: dict, mach: dict) -> dict:
+    """images/s and MFU of packed encoding (pixels already preprocessed: the model's own rate)."""
+    from viq.nn.flops import count_flops
+    from viq.packing import batches_by_budget, tokens_of
+
+    images = random_images(shapes)
+    counts = [tokens_of(w, h) for w, h in shapes]
+    batches = [[images[i] for i in b] for b in batches_by_budget(counts, budget)]
+
+    def run():
+        for b in batches:
+            tok.encode_pixels(b)
+
+    flops = sum(count_flops(lambda b=b: tok.encode_pixels(b)) for b in batches)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(run, device, p["warmup"] + 1, p["repeats"])
+    med = statistics.median(times)
+    out = {"images": len(images), "tokens": sum(counts), "batches": len(batches), "token_budget": budget,
+           "median_s": med, "times_s": times, "images_per_s": len(images) / med, "tokens_per_s": sum(counts) / med,
+           "model_flops": flops, "achieved_flops_per_s": flops / med,
+           "fraction_of_measured_matmul": flops / med / mach["matmul_flops_per_s"]}
+    if mach.get("peak_bf16_flops"):
+        out["mfu"] = flops / med / mach["peak_bf16_flops"]
+    if device.startswith("cuda"):
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def attention_backends(device: str, dtype: torch.dtype, cfg, p: dict) -> dict:
+    """Every available packed-attention backend on the ViT's head shape, against the exact loop."""
+    from viq.nn.attention import Segments, available_backends, packed_attention
+
+    seg = Segments(tuple(p["attn_lens"]))
+    heads, hd = cfg.vit.heads, cfg.vit.width // cfg.vit.heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(seg.total, heads, hd, generator=g).to(device, dtype) for _ in range(3))
+    scale = hd ** -0.5
+    ref = packed_attention(q, k, v, seg, scale, backend="loop").float()
+    out = {"lengths": list(seg.lengths), "heads": heads, "head_dim": hd, "backends": {}}
+    for name in [b for b in available_backends(q) if b not in p.get("skip_backends", ())]:
+        try:
+            o = packed_attention(q, k, v, seg, scale, backend=name).float()
+            times = timed(lambda: packed_attention(q, k, v, seg, scale, backend=name), device, 2, max(3, p["repeats"]))
+            out["backends"][name] = {"median_s": statistics.median(times), "max_abs_diff_vs_loop":
+                                     float((o - ref).abs().max())}
+        except Exception as exc:
+            out["backends"][name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:300]}
+    ok = {n: b["median_s"] for n, b in out["backends"].items() if "median_s" in b}
+    if ok:
+        out["fastest"] = min(ok, key=ok.get)
+        out["speedup_vs_loop"] = {n: ok["loop"] / t for n, t in ok.items()} if "loop" in ok else None
+    return out
+
+
+def code_agreement(cfg, device: str, p: dict) -> dict:
+    """The same random-weight model in fp32 and bf16 on the same images: fraction of identical codes."""
+    from viq.model.viq_model import ViQModel
+    from viq.tokenizer import ViQTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False)
+    side = p["agree_side"]
+    images = random_images([(side, side)] * p["agree_images"], seed=1)
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    try:
+        fp32 = ViQTokenizer(model, cfg).encode_pixels(images)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    bf16 = ViQTokenizer(model.to(torch.bfloat16), cfg).encode_pixels(images)
+    same = sum(int((a == b).sum()) for a, b in zip(fp32, bf16))
+    total = sum(a.numel() for a in fp32)
+    patch_same = sum(int((a == b).all(-1).sum()) for a, b in zip(fp32, bf16))
+    return {"images": len(images), "side": side, "codes": total, "identical_fraction": same / total,
+            "identical_patch_fraction": patch_same / (total // cfg.head.slots)}
+
+
+def bench(p: dict, device: str) -> dict:
+    """``viqctl bench --seq ... --llm ...``: forward and training step, offline vs online."""
+    from viq.bench import BenchConfig, parse_seq, run_bench
+
+    cfg = BenchConfig(seq_lens=parse_seq(p["seq"]), llms=p["llm"].split(","), encoder=p["encoder"],
+                      image_size=p["image_size"], warmup=p["warmup"], repeats=p["repeats"], device=device)
+    res = run_bench(cfg).to_dict()
+    summary = [{k: r.get(k) for k in ("llm", "seq_len", "mode", "status", "speedup", "ratio")}
+               | {"online_s": (r.get("online") or {}).get("median_s"),
+                  "offline_s": (r.get("offline") or {}).get("median_s")} for r in res["runs"]]
+    return {"command": f"viqctl bench --seq {p['seq']} --llm {p['llm']}", "summary": summary, "result": res}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (runs on CPU in seconds)")
+    ap.add_argument("--out", default="gpu_check.json", help="the JSON written (default: gpu_check.json)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: encode_square, encode_mixed, "
+                                                "attention, agreement, bench")
+    args = ap.parse_args(argv)
+
+    from viq.config import preset_config
+    from viq.model.viq_model import ViQModel
+    from viq.tokenizer import ViQTokenizer, default_device
+
+    p = TINY if args.tiny else FULL
+    device = args.device or default_device()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    t_start = time.perf_counter()
+    results: dict = {"schema": "viq-gpu-check v1", "mode": "tiny" if args.tiny else "full", "params": p}
+    results["machine"] = mach = machine(device, dtype)
+    cfg = preset_config(p["arch"], "16k")
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ViQModel(cfg, parts=("encoder",)).to(dtype).eval().requires_grad_(False)
+    tok = ViQTokenizer(model, cfg)
+    sq = p["square"]
+    if "encode_square" not in skip:
+        section(results, "encode_square", lambda: encode_rate(tok, [(sq, sq)] * p["images"], p["token_budget"],
+                                                              device, p, mach))
+    if "encode_mixed" not in skip:
+        shapes = [p["mixed"][i % len(p["mixed"])] for i in range(p["images"])]
+        section(results, "encode_mixed", lambda: encode_rate(tok, shapes, p["token_budget"], device, p, mach))
+    del tok, model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if "attention" not in skip:
+        section(results, "attention", lambda: attention_backends(device, dtype, cfg, p))
+    if "agreement" not in skip:
+        section(results, "agreement", lambda: code_agreement(cfg, device, p))
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if "bench" not in skip:
+        section(results, "bench", lambda: bench(p, device))
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(out)
+    brief = {k: results[k].get("images_per_s") or results[k].get("fastest") or results[k].get("identical_fraction")
+             for k in ("encode_square", "encode_mixed", "attention", "agreement") if isinstance(results.get(k), dict)}
+    print(json.dumps({"out": str(out), "total_seconds": results["total_seconds"], **brief}))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.py in --tiny mode on CPU: every section runs and the JSON has what the README
+table reads, so the prepared GPU check cannot rot before a GPU is lent. No timings are asserted."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_tiny_gpu_check_writes_every_section(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sub" / "check.json"
+    mod.main(["--tiny", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["schema"] == "viq-gpu-check v1" and data["mode"] == "tiny"
+    for name in ("encode_square", "encode_mixed", "attention", "agreement", "bench"):
+        assert data[name].get("status") != "failed", data[name]
+    for name in ("encode_square", "encode_mixed"):
+        enc = data[name]
+        assert enc["images_per_s"] > 0 and enc["model_flops"] > 0 and 0 < enc["fraction_of_measured_matmul"]
+    assert data["encode_mixed"]["tokens"] < data["encode_square"]["tokens"]
+    att = data["attention"]["backends"]
+    assert att["loop"]["max_abs_diff_vs_loop"] == 0 and "nested" in att
+    assert all(b["max_abs_diff_vs_loop"] < 1e-4 for b in att.values())
+    assert 0 < data["agreement"]["identical_fraction"] <= 1
+    modes = {(r["mode"], r["status"]) for r in data["bench"]["summary"]}
+    assert modes == {("forward", "ok"), ("train", "ok")}
+    assert data["machine"]["matmul_flops_per_s"] > 0
