@@ -59,7 +59,13 @@ def collect_sources(inputs: list[str], recursive: bool = True, options: InputOpt
     found: list[Source] = []
     for text in inputs:
         text = str(text)
-        for item in (expand_braces(text) if has_braces(text) else [text]):
+        items = expand_braces(text) if has_braces(text) else [text]
+        tars = [Path(os.path.expanduser(i)) for i in items if i.lower().endswith(".tar")]
+        tars = [t for t in tars if t.is_file()]
+        if len(tars) > 1:  # one input over many shards: keys are checked for clashes across all of them
+            found.extend(tar_sources([absolute(t) for t in tars]))
+            items = [i for i in items if Path(os.path.expanduser(i)) not in tars]
+        for item in items:
             found.extend(_expand(item, recursive, options))
     by_id: dict[str, dict] = {}
     for s in found:

@@ -1,0 +1,157 @@
+"""WebDataset .tar shards: keys as ids, brace patterns, byte-range reads (nothing extracted),
+the same codes as the images in a folder, and resume after an interruption."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from viq.config import tiny_config
+from viq.demo import random_model_dir
+from viq.encode import EncodeOptions, encode_to_store
+from viq.errors import ConfigError
+from viq.sources import SourceReader, collect_sources, parse_shard, shard_for_rank
+from viq.sources.webdataset import expand_braces, sample_key
+from viq.store import CodeStore
+from viq.tokenizer import load_tokenizer
+
+
+def image_bytes(seed: int, fmt="PNG", size=(24, 16)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, members: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(keys, seed0=0, ext="png"):
+    out = {}
+    for k, key in enumerate(keys):
+        out[f"{key}.{ext}"] = image_bytes(seed0 + k, "PNG" if ext == "png" else "JPEG")
+        out[f"{key}.txt"] = f"caption {key}".encode()
+        out[f"{key}.json"] = json.dumps({"key": key}).encode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    random_model_dir(d, tiny_config("16k"), seed=0)
+    return load_tokenizer(d, parts=("encoder",), device="cpu"), d
+
+
+def test_brace_expansion_and_keys():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x-{1..2}") == ["a/x-1", "a/x-2", "b/x-1", "b/x-2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    assert sample_key("00001/000010023.jpg") == ("00001/000010023", "jpg")
+    assert sample_key("abc.seg.png") == ("abc", "seg.png")
+
+
+def test_members_are_samples_and_reads_are_byte_ranges(tmp_path):
+    members = sample_members(["000000001", "000000002"])
+    members["000000003.cls"] = b"7"  # a sample without an image is not an input
+    shard = write_shard(tmp_path / "shard-000000.tar", members)
+    got = collect_sources([str(shard)])
+    assert [s.id for s in got] == ["000000001", "000000002"]
+    assert all(s.kind == "tar" and s.path == shard for s in got)
+    reader = SourceReader()
+    for s in got:
+        assert reader.read(s) == members[f"{s.id}.png"]
+    assert not any(p.suffix == ".png" for p in tmp_path.rglob("*"))  # nothing extracted
+
+
+def test_brace_pattern_over_shards_and_key_clashes(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"shard-{i:06d}.tar", sample_members([f"{i}{k:04d}" for k in range(2)], 10 * i))
+    got = collect_sources([str(tmp_path / "shard-{000000..000002}.tar")])
+    assert [s.id for s in got] == ["00000", "00001", "10000", "10001", "20000", "20001"]
+    assert [s.id for s in collect_sources([str(tmp_path / "shard-*.tar")])] == [s.id for s in got]
+    # the same keys in two shards: every id of that input names its shard
+    write_shard(tmp_path / "dup" / "a.tar", sample_members(["k1"]))
+    write_shard(tmp_path / "dup" / "b.tar", sample_members(["k1"], 5))
+    assert [s.id for s in collect_sources([str(tmp_path / "dup" / "{a,b}.tar")])] == ["a/k1", "b/k1"]
+
+
+def test_compressed_and_broken_shards_are_usage_errors(tmp_path):
+    gz = tmp_path / "s.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        info = tarfile.TarInfo("a.png")
+        data = image_bytes(0)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ConfigError, match="decompress"):
+        collect_sources([str(gz)])
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ConfigError, match="bad.tar"):
+        collect_sources([str(bad)])
+
+
+def test_same_codes_as_a_folder_and_resume(tok, tmp_path):
+    tok, _ = tok
+    keys = [f"{k:09d}" for k in range(10)]
+    members = sample_members(keys)
+    shard = write_shard(tmp_path / "shard-000000.tar", members)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for key in keys:
+        (folder / f"{key}.png").write_bytes(members[f"{key}.png"])
+
+    opts = EncodeOptions(workers=2, rows_per_shard=2, token_budget=8)
+    s_tar = encode_to_store(collect_sources([str(shard)]), tok, tmp_path / "tar-store", {}, opts)
+    s_dir = encode_to_store(collect_sources([str(folder)]), tok, tmp_path / "dir-store", {}, opts)
+    assert s_tar.encoded == s_dir.encoded == 10 and not s_tar.failed
+    a, b = CodeStore(tmp_path / "tar-store"), CodeStore(tmp_path / "dir-store")
+    for key in keys:
+        ra, rb = a.get(key), b.get(f"{key}.png")
+        assert np.array_equal(ra.codes, rb.codes) and ra.sha256 == rb.sha256
+        assert ra.source == f"{shard}#{key}.png"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(n):
+        seen = [0]
+
+        def progress(k):
+            seen[0] += k
+            if seen[0] >= n:
+                raise Stop
+
+        return progress
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        encode_to_store(collect_sources([str(shard)]), tok, resumed, {}, opts, progress=stop_after(4))
+    again = encode_to_store(collect_sources([str(shard)]), tok, resumed, {}, opts)
+    assert again.skipped >= 4 and again.skipped + again.encoded == 10
+    c = CodeStore(resumed)
+    assert c.ids() == a.ids() and all(np.array_equal(c.get(k).codes, a.get(k).codes) for k in keys)
+
+
+def test_shard_jobs_into_one_store_cover_everything_once(tok, tmp_path):
+    tok, _ = tok
+    shard = write_shard(tmp_path / "s.tar", sample_members([f"{k:03d}" for k in range(7)]))
+    sources = collect_sources([str(shard)])
+    store = tmp_path / "store"
+    total = 0
+    for spec in ["0/3", "1/3", "2/3"]:
+        i, n = parse_shard(spec)
+        s = encode_to_store(sources, tok, store, {}, EncodeOptions(workers=1), rank=i, world_size=n, finalize=False)
+        assert s.total == len(shard_for_rank(sources, i, n))
+        total += s.encoded
+    assert total == 7 and CodeStore(store).ids() == [f"{k:03d}" for k in range(7)]
