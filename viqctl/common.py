@@ -22,6 +22,39 @@ JsonOpt = typer.Option(False, "--json", help="Print a machine-readable summary o
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 
 
+def check_out_dir(path: Path, store: bool = False) -> None:
+    """Before any work: ``--out`` must be a folder (or not exist yet). With ``store``, a non-empty folder
+    must be a code store (to resume or add to), so a typo never scatters shards among other files."""
+    from viq.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path}: is a file, not a folder; give a new folder (or an existing code store)"
+                          if store else f"--out {path}: is a file, not a folder")
+    if store and path.is_dir() and not (path / "manifest.json").is_file():
+        others = sorted(p.name for p in path.iterdir() if not p.name.startswith(".tmp-"))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ConfigError(f"--out {path}: not empty ({shown}) and not a viq code store; give a new or empty "
+                              "folder, or a code store to resume")
+    for parent in path.parents:  # a file where a folder must be created
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder")
+            break
+
+
+def check_out_file(path: Path, suffix: str | None = None) -> None:
+    """Before any work: ``--out`` names a file to write, not a folder."""
+    from viq.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        example = f" such as {path / ('features' + (suffix or ''))}" if suffix else ""
+        raise ConfigError(f"--out {path}: is a folder; give a file name{example}")
+    check_out_dir(path.parent)
+
+
 def device_of(device: str) -> str | None:
     return None if device == "auto" else device
 
@@ -42,6 +75,35 @@ def warn_if_random(model_dir, parts=("drawer",)) -> None:
         err.print("[bold yellow]note:[/] this model's drawer was trained against a RANDOM VAE (no Qwen-Image "
                   "weights were available), so VAE-path reconstructions do not resemble the input; its codes "
                   "and features are trained.", highlight=False)
+
+
+def _meta(model_dir) -> dict:
+    try:
+        meta = json.loads((Path(model_dir) / "config.json").read_text())
+    except Exception:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def choose_decoder(model_dir, decoder: Optional[str], quiet: bool = False) -> str:
+    """``--decoder`` as given, or the one that works for this model: ``pixel`` when it has a pixel
+    decoder and its drawer is missing or was trained against a random VAE (the demo model), else ``vae``.
+    Says which when it chose."""
+    if decoder is not None:
+        if decoder not in ("vae", "pixel"):
+            from viq.errors import ConfigError
+
+            raise ConfigError(f"--decoder {decoder}: use vae or pixel")
+        return decoder
+    meta = _meta(model_dir)
+    parts, source = meta.get("parts") or {}, meta.get("source") or {}
+    if "pixel_decoder" in parts and ("drawer" not in parts or source.get("drawer_vae") == "random"):
+        if not quiet:
+            why = "its drawer was trained against a random VAE" if "drawer" in parts else "it has no drawer"
+            err.print(f"decoder: pixel (this model's pixel decoder; {why}; --decoder vae to choose that path)",
+                      highlight=False, markup=False)
+        return "pixel"
+    return "vae"
 
 
 def say_model(tok, quiet: bool = False) -> None:

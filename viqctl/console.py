@@ -39,6 +39,41 @@ def progress_lines() -> bool:
 
 
 @contextmanager
+def progress_bar(label: str, total: int | None, quiet: bool = False, every_s: float = 10.0):
+    """Yield ``advance(n=1)`` for a long step: a live bar on a terminal; on a pipe or a log file,
+    a plain ``label: done/total (elapsed)`` line at most every ``every_s`` seconds, and at the end."""
+    import time
+
+    if quiet:
+        yield lambda n=1: None
+        return
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n=1: bar.advance(task, n)
+        return
+    start = last = time.perf_counter()
+    done = [0]
+
+    def line():
+        of = f"/{total}" if total is not None else ""
+        err.print(f"{label}: {done[0]}{of} ({time.perf_counter() - start:.0f} s)", highlight=False, markup=False)
+
+    def advance(n=1):
+        nonlocal last
+        done[0] += n
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            line()
+
+    yield advance
+    line()
+
+
+@contextmanager
 def cli_errors(debug: bool = False):
     """Turn viq's typed errors into one red line and their exit code."""
     from viq.errors import ViQError
@@ -50,3 +85,8 @@ def cli_errors(debug: bool = False):
             raise
         error(str(exc))
         raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        error("stopped by Ctrl-C (what was already written is kept; rerun the command to finish)", "interrupted")
+        raise typer.Exit(130)

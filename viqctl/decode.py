@@ -8,28 +8,34 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           models_dir_of, say_model, warn_if_random)
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, check_out_dir,
+                           check_out_file, choose_decoder, device_of, models_dir_of, say_model, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json
 
-IdsOpt = typer.Option(None, "--ids", help="Comma-separated ids to decode (default: all).")
+IdsOpt = typer.Option(None, "--ids", help="Comma-separated ids (as stored: the file names, e.g. a.jpg,b.png) "
+                                           "to use (default: every image in the store).")
 
 
-def _open(store_dir: Path, model: Optional[str], models_dir, device, dtype, parts):
+def _locate(store_dir: Path, model: Optional[str], models_dir):
     from viq.decode import store_model_source
     from viq.errors import StoreError
     from viq.store import CodeStore
-    from viq.tokenizer import load_tokenizer, resolve_source
+    from viq.tokenizer import resolve_source
 
     store = CodeStore(store_dir)
     source = model or store_model_source(store)
     if source is None:
         raise StoreError(f"{store_dir}: the manifest names no model; pass --model")
-    path = resolve_source(source, models_dir_of(models_dir))
+    return store, resolve_source(source, models_dir_of(models_dir))
+
+
+def _load(path, device, dtype, parts):
+    from viq.tokenizer import load_tokenizer
+
     warn_if_random(path, parts)
     tok = load_tokenizer(path, parts=parts, device=device_of(device), dtype=dtype)
     say_model(tok)
-    return store, tok
+    return tok
 
 
 def _bar(label: str, total: int, quiet: bool):
@@ -45,8 +51,10 @@ def reconstruct(
     keep_padding: bool = typer.Option(False, "--keep-padding",
                                       help="Keep the patch padding (the reference's 16h x 16w output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite PNGs that already exist."),
-    decoder: str = typer.Option("vae", "--decoder", help="vae: drawer + Qwen-Image VAE (published); pixel: the "
-                                                          "lightweight pixel decoder trained by the decoder stage."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="vae: drawer + Qwen-Image VAE (published); "
+                                          "pixel: the lightweight pixel decoder trained by the decoder stage. "
+                                          "Default: pixel for a model whose drawer learned a random VAE (the demo "
+                                          "model), else vae; said on stderr.", show_default=False),
     model: Optional[str] = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
@@ -64,17 +72,20 @@ def reconstruct(
     from viq.decode import reconstruct_store, select_ids
 
     with cli_errors(debug):
+        check_out_dir(out_dir)
+        store, path = _locate(store_dir, model, models_dir)
+        decoder = choose_decoder(path, decoder)
         parts = ("decoder", "pixel_decoder") if decoder == "pixel" else ("decoder", "drawer")
-        store, tok = _open(store_dir, model, models_dir, device, dtype, parts)
+        tok = _load(path, device, dtype, parts)
         chosen = [i for i in ids.split(",") if i] if ids else None
         bar, task = _bar("reconstruct", len(select_ids(store, chosen)), json_out)
         with bar:
             summary = reconstruct_store(store, tok, out_dir, chosen, crop=not keep_padding, overwrite=overwrite,
                                         progress=lambda n: bar.advance(task, n), decoder=decoder)
         if json_out:
-            print_json(summary.__dict__)
+            print_json({**summary.__dict__, "decoder": decoder})
         else:
-            out.print(f"wrote {len(summary.written)} PNG(s) to {out_dir}"
+            out.print(f"wrote {len(summary.written)} PNG(s) to {out_dir} ({decoder} decoder)"
                       + (f", {summary.skipped} already there" if summary.skipped else ""), highlight=False)
 
 
@@ -96,7 +107,9 @@ def embed(
     from viq.decode import embed_store, select_ids
 
     with cli_errors(debug):
-        store, tok = _open(store_dir, model, models_dir, device, dtype, ("decoder",))
+        check_out_file(out_file, ".safetensors")
+        store, path = _locate(store_dir, model, models_dir)
+        tok = _load(path, device, dtype, ("decoder",))
         chosen = [i for i in ids.split(",") if i] if ids else None
         bar, task = _bar("embed", len(select_ids(store, chosen)), json_out)
         with bar:

@@ -9,14 +9,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           close_distributed, distributed, models_dir_of, say_model, warn_if_random)
-from viqctl.console import cli_errors, err, out, print_json
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, check_out_dir,
+                           device_of, close_distributed, distributed, models_dir_of, say_model, warn_if_random)
+from viqctl.console import cli_errors, err, note, out, print_json
 
 
 def encode(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive), glob patterns, or .txt/.jsonl lists of paths."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Code store directory (created; rerun the same command to resume)."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive), glob patterns, .txt/.jsonl lists of paths, WebDataset .tar shards (shard-{000000..000009}.tar), Parquet files or datasets folders, LLaVA .json/.jsonl files. URLs are not fetched.",
+                                       show_default=False),
+    out_dir: Path = typer.Option(Path("codes"), "--out", "-o", help="Code store folder: created, or an existing "
+                                 "store to resume (rerun the same command after a stop)."),
     model: Optional[str] = ModelOpt,
     resize: str = typer.Option("native", "--resize",
                                help="native[:MAX_PIXELS] (keep aspect, shrink above 1024x1024 px, sides floored to "
@@ -24,6 +26,10 @@ def encode(
     token_budget: int = typer.Option(16384, "--token-budget", help="Patch tokens per packed batch."),
     workers: int = typer.Option(4, "--workers", help="Threads decoding images ahead of the model."),
     rows_per_shard: int = typer.Option(256, "--rows-per-shard", help="Images per Parquet shard."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet/datasets inputs: the image column (default: found)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet/datasets inputs: the column of ids (default: <file>/<row>)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="LLaVA .json/.jsonl inputs: the folder their image paths are relative to (default: the file's folder)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: encode job I's share of N (job arrays, I from 0); the N jobs cover every input once, into one store or several."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     models_dir: Optional[Path] = ModelsDirOpt,
@@ -34,17 +40,30 @@ def encode(
 
     Example: viqctl encode photos/ --model viq-16k --out codes/
 
+    Without --out the codes go to ./codes (said on stderr, and "store" in --json).
+
     Exit 0 when every image was encoded, 1 when some failed (listed), 2 for usage errors.
     Under `accelerate launch` / `torchrun` every rank encodes its share into its own shards.
     """
     from viq.encode import EncodeOptions, encode_to_store
-    from viq.sources import collect_sources
+    from viq.images import Native, parse_policy
+    from viq.sources import InputOptions, collect_sources, parse_shard
     from viq.tokenizer import load_tokenizer, resolve_source
     from viq.weights.formats import model_fingerprints
 
     with cli_errors(debug):
+        policy = parse_policy(resize)  # usage problems first: before any model is loaded
+        check_out_dir(out_dir, store=True)
+        if token_budget is not None and token_budget < 1 or workers < 0 or rows_per_shard < 1:
+            from viq.errors import ConfigError
+
+            raise ConfigError("--token-budget and --rows-per-shard must be >= 1, --workers >= 0")
         rank, world, barrier, dist_device = distributed()
-        sources = collect_sources(inputs)
+        job, jobs = parse_shard(shard) if shard else (0, 1)  # job I of N = global rank I * world + rank
+        sources = collect_sources(inputs, options=InputOptions(image_column, id_column, image_root))
+        if rank == 0:
+            err.print(f"codes -> {out_dir} ({len(sources)} image(s); rerun the same command to resume)",
+                      highlight=False, markup=False)
         src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
             warn_if_random(src_path, parts=())
@@ -57,7 +76,7 @@ def encode(
         with Progress(*columns, console=err, disable=rank != 0 or json_out) as bar:
             from viq.sources import shard_for_rank
 
-            task = bar.add_task("encode", total=len(shard_for_rank(sources, rank, world)), rate="-")
+            task = bar.add_task("encode", total=len(shard_for_rank(sources, job * world + rank, jobs * world)), rate="-")
             import time
 
             t0 = time.perf_counter()
@@ -67,7 +86,19 @@ def encode(
                 done = bar.tasks[0].completed
                 bar.update(task, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}")
 
-            summary = encode_to_store(sources, tok, out_dir, fps, opts, rank, world, advance, barrier)
+            try:
+                summary = encode_to_store(sources, tok, out_dir, fps, opts, job * world + rank, jobs * world, advance, barrier,
+                                          finalize=jobs == 1)
+            except KeyboardInterrupt:
+                bar.stop()
+                done = int(bar.tasks[0].completed)
+                note(f"stopped after {done} of {len(sources)} image(s): every finished code row is kept in "
+                     f"{out_dir}; run the same command again to resume (done images are skipped)", "interrupted")
+                raise typer.Exit(130)
+        resized = getattr(summary, "resized", 0)
+        if resized and isinstance(policy, Native) and rank == 0:
+            note(f"{resized} image(s) above {policy.max_pixels} pixels were downscaled by --resize native "
+                 f"(aspect kept); --resize native:N sets another budget, --resize none keeps every pixel")
         if world > 1:  # every rank's counts, reported once by rank 0
             import torch.distributed as dist
 
@@ -79,8 +110,11 @@ def encode(
             close_distributed()
             if rank != 0:
                 raise typer.Exit(1 if summary.failed else 0)
+        if jobs > 1:  # no job may finalize while others write; a CodeStore reads the store as it is
+            err.print(f"job {job} of {jobs} done (store not finalized; after the last job, rerun without --shard to "
+                      "finalize, or read it as is)", highlight=False, markup=False)
         if json_out:
-            print_json(summary.as_dict())
+            print_json({**summary.as_dict(), "store": str(Path(out_dir).resolve())})
         else:
             table = Table(title=f"encoded into {out_dir}")
             for col in ("images", "encoded", "skipped (done)", "failed", "img/s", "tokens"):

@@ -8,15 +8,18 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, device_of,
-                           models_dir_of, warn_if_random)
-from viqctl.console import cli_errors, err, out, print_json
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, choose_decoder,
+                           device_of, models_dir_of, say_model, warn_if_random)
+from viqctl.console import cli_errors, err, out, print_json, progress_bar
 
 
 def evaluate(
-    inputs: List[str] = typer.Argument(..., help="A code store, or images (files, folders, globs, lists)."),
+    inputs: List[str] = typer.Argument(..., help="A code store, or images (files, folders, globs, lists).",
+                                       show_default=False),
     model: Optional[str] = ModelOpt,
-    decoder: str = typer.Option("vae", "--decoder", help="vae (published drawer + Qwen-Image VAE) or pixel."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="vae (published drawer + Qwen-Image VAE) or "
+                                          "pixel. Default: as `viqctl reconstruct` (pixel for the demo model).",
+                                          show_default=False),
     resize: str = typer.Option("native", "--resize", help="Preprocessing for images (a store keeps its own)."),
     lpips: Optional[Path] = typer.Option(None, "--lpips", help="LPIPS weights, file or folder (torchvision's "
                                                                 "vgg16-397923af.pth + the lpips package's v0.1 "
@@ -42,8 +45,23 @@ def evaluate(
     from viq.tokenizer import load_tokenizer, resolve_source
 
     with cli_errors(debug):
-        parts = ("encoder", "decoder", "pixel_decoder") if decoder == "pixel" else ("encoder", "decoder", "drawer")
+        from viq.images import parse_policy
+
+        parse_policy(resize)  # usage problems first: before any weights load
         first = Path(inputs[0])
+        store = None
+        if len(inputs) == 1 and (first / "manifest.json").is_file():
+            from viq.store import CodeStore
+
+            store = CodeStore(first)
+            src = resolve_source(model or store.manifest["model"]["source"], models_dir_of(models_dir))
+        else:
+            from viq.sources import collect_sources
+
+            paths = [s.path for s in collect_sources(inputs)]
+            src = resolve_source(model, models_dir_of(models_dir))
+        decoder = choose_decoder(src, decoder)
+        parts = ("encoder", "decoder", "pixel_decoder") if decoder == "pixel" else ("encoder", "decoder", "drawer")
         perceptual = fid_net = None
         if lpips is not None:
             from viq.eval.perceptual import load_lpips
@@ -53,22 +71,18 @@ def evaluate(
             from viq.eval.fid import load_fid_net
 
             fid_net = load_fid_net(fid)
-        if len(inputs) == 1 and (first / "manifest.json").is_file():
-            from viq.store import CodeStore
+        warn_if_random(src, parts)
+        tok = load_tokenizer(src, parts=parts[1:] if store is not None else parts, device=device_of(device),
+                             dtype=dtype)
+        say_model(tok)
+        if store is not None:
+            from viq.decode import select_ids
 
-            store = CodeStore(first)
-            src = resolve_source(model or store.manifest["model"]["source"], models_dir_of(models_dir))
-            warn_if_random(src, parts)
-            tok = load_tokenizer(src, parts=parts[1:], device=device_of(device), dtype=dtype)
-            result = evaluate_store(tok, store, decoder, perceptual, fid_net, grid)
+            with progress_bar("eval", len(select_ids(store, None)), quiet=json_out) as advance:
+                result = evaluate_store(tok, store, decoder, perceptual, fid_net, grid, progress=advance)
         else:
-            from viq.sources import collect_sources
-
-            src = resolve_source(model, models_dir_of(models_dir))
-            warn_if_random(src, parts)
-            tok = load_tokenizer(src, parts=parts, device=device_of(device), dtype=dtype)
-            paths = [s.path for s in collect_sources(inputs)]
-            result = evaluate_sources(tok, paths, resize, decoder, perceptual, fid_net, grid)
+            with progress_bar("eval", len(paths), quiet=json_out) as advance:
+                result = evaluate_sources(tok, paths, resize, decoder, perceptual, fid_net, grid, progress=advance)
         if perceptual is None and not json_out:
             err.print("LPIPS skipped (no --lpips weights); rFID skipped (no --fid weights)" if fid_net is None
                       else "LPIPS skipped (no --lpips weights)", highlight=False)
