@@ -39,6 +39,7 @@ COMMANDS = [
     ("encode", "encode", "encode"),
     ("decode", "reconstruct", "reconstruct"),
     ("decode", "embed", "embed"),
+    ("tokens", "tokens", "tokens"),
     ("evaluate", "evaluate", "eval"),
     ("weights", "convert", "convert"),
     ("weights", "verify", "verify"),
