@@ -127,7 +127,11 @@ def test_verify_passes_then_fails_on_a_flipped_weight(converted, tmp_path):
 
     p = cli("verify", bad, "--against", out, "--resize", "native:4096", "--images", example_images()[0])
     assert p.returncode == 1
-    assert "mismatch" in p.stdout and "features_abs_sum" in p.stdout
+    assert "mismatch" in p.stdout and "decoder.safetensors" in p.stdout  # its sha256 no longer matches
+    reseal(bad)  # digests re-recorded: the outputs themselves differ from the original's
+    p = cli("verify", bad, "--against", out, "--resize", "native:4096", "--images", example_images()[0])
+    assert p.returncode == 1
+    assert "mismatch" in p.stdout and "features_abs_sum (decoder)" in p.stdout
     # --against the training checkpoint itself (converted in memory): the same fingerprints
     cfg = tmp_path / "cfg" / "config.json"
     cfg.parent.mkdir()
@@ -153,15 +157,26 @@ def test_verify_catches_a_codebook_that_is_not_fsq(converted, tmp_path):
     from viq.weights.verify import example_images
 
     img = example_images()[0]
-    for delta, code in ((2 ** -10, 1), (0.5, 2)):
-        bad = tmp_path / f"codebook-{code}"
+    for delta, says in ((2 ** -10, "full path != split path"), (0.5, "codebook does not match")):
+        bad = tmp_path / f"codebook-{delta}"
         shutil.copytree(out, bad, ignore=shutil.ignore_patterns("converted_*"))
         sd = load_file(bad / "decoder.safetensors")
         sd["head.codebook"] = sd["head.codebook"] + delta  # every row shifted: every code affected
         save_file(sd, bad / "decoder.safetensors")
+        reseal(bad)  # past the digest check: the codebook checks themselves must catch it
         p = cli("verify", bad, "--resize", "native:1024", "--images", img)
-        assert p.returncode == code, p.stdout + p.stderr
-        assert ("full path != split path" in p.stdout) if code == 1 else ("codebook does not match" in p.stderr)
+        assert p.returncode == 1, p.stdout + p.stderr  # a failed check of the weights, not a usage error
+        assert says in p.stdout
+
+
+def reseal(folder):
+    """Record the current sha256 of every part in config.json (a hand-edited but consistent folder)."""
+    from viq.weights.io import sha256_file
+
+    meta = json.loads((folder / "config.json").read_text())
+    for entry in meta["parts"].values():
+        entry["sha256"] = sha256_file(folder / entry["file"])
+    (folder / "config.json").write_text(json.dumps(meta))
 
 
 def test_convert_cli_json_summary(tmp_path):

@@ -106,8 +106,23 @@ def test_viq_format_round_trip_and_strictness(tmp_path):
     sd = load_file(out / "decoder.safetensors")
     sd.pop("head.post_shift")
     save_file(sd, out / "decoder.safetensors")
+    from viq.errors import IntegrityError
+
+    with pytest.raises(IntegrityError, match="decoder.safetensors"):  # its digest no longer matches
+        load_tokenizer(out, parts=("decoder",), device="cpu")
+    reseal(out)  # re-recorded digests: the key check itself still refuses it
     with pytest.raises(KeyMismatchError, match="head.post_shift"):
         load_tokenizer(out, parts=("decoder",), device="cpu")
+
+
+def reseal(folder):
+    """Record the current sha256 of every part in config.json (a hand-edited but consistent folder)."""
+    from viq.weights.io import sha256_file
+
+    meta = json.loads((folder / "config.json").read_text())
+    for entry in meta["parts"].values():
+        entry["sha256"] = sha256_file(folder / entry["file"])
+    (folder / "config.json").write_text(json.dumps(meta))
 
 
 def test_viq_config_beside_reference_files_names_their_architecture(tmp_path):

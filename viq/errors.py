@@ -21,6 +21,11 @@ class WeightsError(ViQError):
     """A weights file or directory cannot be used (missing, unreadable, wrong keys or shapes)."""
 
 
+class IntegrityError(WeightsError):
+    """A weights file is not what its directory's config.json recorded (digest), or holds values
+    no model can use (wrong dtype, NaN/inf): tampered, corrupt or half-written."""
+
+
 class KeyMismatchError(WeightsError):
     """Strict state-dict loading found missing or unexpected keys (or shape mismatches)."""
 

@@ -104,8 +104,7 @@ def verify(
     """
     from viq.errors import ConfigError, ImageError
     from viq.images import prepare
-    from viq.tokenizer import load_tokenizer
-    from viq.weights.verify import compare_fingerprints, example_images, verify_model
+    from viq.weights.verify import compare_fingerprints, example_images, verify_source
 
     with cli_errors(debug):
         paths = images or example_images()
@@ -113,14 +112,11 @@ def verify(
             named = [(p.name, prepare(p, resize)[0]) for p in paths]
         except ImageError as exc:  # here a bad input is a usage error (exit 2), not a verify failure
             raise ConfigError(f"--images: {exc}") from None
-        parts = ("encoder", "decoder", "drawer")
-        tok = load_tokenizer(model_dir, parts=parts, device=device_of(device), dtype=dtype, config=_config(config))
-        result = verify_model(tok, named)
+        result = verify_source(model_dir, named, device_of(device), dtype, _config(config))
         diffs = list(result.mismatches)
         other = None
         if against is not None:
-            tok2 = load_tokenizer(against, parts=parts, device=device_of(device), dtype=dtype, config=_config(config))
-            other = verify_model(tok2, named)
+            other = verify_source(against, named, device_of(device), dtype, _config(config))
             diffs += [f"{against}: {m}" for m in other.mismatches]
             diffs += compare_fingerprints(result.fingerprints, other.fingerprints, str(model_dir), str(against))
         payload = {"ok": not diffs, "model": str(model_dir), "against": str(against) if against else None,

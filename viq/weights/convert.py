@@ -19,10 +19,11 @@ from viq.config import ViQConfig, fsq_levels, fsq_size_name
 from viq.errors import ConfigError, WeightsError
 from viq.quant.fsq import FSQ
 from viq.weights import keymaps
-from viq.weights.formats import (check_keys, expected_shapes, infer_reference_config, is_viq_dir, load_state,
-                                 map_reference, parse_config, read_viq_config)
+from viq.weights.formats import (available_parts, check_keys, expected_shapes, infer_reference_config, is_viq_dir,
+                                 load_state, map_reference, parse_config, read_viq_config)
+from viq.weights.integrity import publish_folder, refuse_in_place
 from viq.weights.io import read_tensors, sha256_file
-from viq.weights.save import export_reference, save_viq
+from viq.weights.save import export_reference, write_viq_files
 
 
 @dataclass
@@ -147,6 +148,7 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
     src = Path(source).expanduser()
     if not src.exists():
         raise WeightsError(f"{src}: no such file or directory")
+    refuse_in_place(src, Path(out_dir))
     if size is not None and levels is not None:
         raise ConfigError("give either --size or --levels, not both")
     lv = fsq_levels(size) if size else (fsq_levels(levels) if levels else None)
@@ -169,13 +171,14 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
         if not is_viq_dir(weights):
             raise WeightsError(f"{src}: this training run has no finished weights in {weights} (only FSQ runs that "
                                "completed write them); resume it to the end, or convert a finished run")
-        cfg, state, report = load_state(weights, config=config)
+        refuse_in_place(weights, Path(out_dir))
+        cfg, state, report = load_state(weights, parts=available_parts(weights), config=config)
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
         recognised, dropped, adaptations = report.recognised, report.dropped, []
         kind, digest = "viq training run", files_digest(weights)
     else:
-        cfg, state, report = load_state(src, config=config)
+        cfg, state, report = load_state(src, parts=available_parts(src), config=config)
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
         recognised, dropped, adaptations = report.recognised, report.dropped, []
@@ -183,16 +186,21 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
         digest = files_digest(src if src.is_dir() else src.parent)
     out = Path(out_dir)
     source_info = {"kind": kind, "path": str(src), "sha256": digest, "recognised": recognised}
-    meta = save_viq(state, cfg, out, source_info, dtype=dtype)
     report = ConvertReport(kind, str(src), digest, list(cfg.head.levels), recognised, dropped, adaptations)
-    for p, info in meta["parts"].items():
-        report.parts[p] = {k: info[k] for k in ("parameters", "dtype", "bytes", "file")}
-        report.written.append(str(out / info["file"]))
-        report.bytes_written += info["bytes"]
-    report.written.append(str(out / "config.json"))
-    if reference_layout:
-        name = fsq_size_name(cfg.head.levels) or "custom"
-        for path in export_reference(state, cfg, out / f"converted_{name}", name):
-            report.written.append(str(path))
-            report.bytes_written += path.stat().st_size
+    # one folder, published whole: a kill or an error mid-way leaves the old --out as it was
+    with publish_folder(out) as folder:
+        meta = write_viq_files(state, cfg, folder, source_info, dtype=dtype)
+        for p, info in meta["parts"].items():
+            report.parts[p] = {k: info[k] for k in ("parameters", "dtype", "bytes", "file")}
+            report.written.append(str(out / info["file"]))
+            report.bytes_written += info["bytes"]
+        report.written.append(str(out / "config.json"))
+        if reference_layout:
+            name = fsq_size_name(cfg.head.levels) or "custom"
+            pix = sorted(k for k in state if k.startswith("pixel_decoder."))
+            if pix:
+                report.dropped["pixel decoder (no place in the reference layout; kept in the viq folder)"] = pix
+            for path in export_reference(state, cfg, folder / f"converted_{name}", name):
+                report.written.append(str(out / path.relative_to(folder)))
+                report.bytes_written += path.stat().st_size
     return report

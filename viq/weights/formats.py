@@ -19,6 +19,7 @@ from viq.config import FSQ_PRESETS, ViQConfig, fsq_size_name, giant_config, so40
 from viq.errors import KeyMismatchError, WeightsError
 from viq.model.viq_model import ALL_PARTS, PART_PREFIXES, ViQModel, part_of
 from viq.weights import keymaps
+from viq.weights.integrity import check_digest, check_values
 from viq.weights.io import read_tensors, tensors_fingerprint
 
 VIQ_FORMAT = "viq-weights"
@@ -45,8 +46,24 @@ def build_empty(cfg: ViQConfig, parts=ALL_PARTS) -> ViQModel:
         return ViQModel(cfg, parts)
 
 
+def _skeleton(cfg: ViQConfig, parts) -> dict[str, torch.Tensor]:
+    key = (cfg.model_dump_json(), tuple(parts))
+    if key not in _SKELETONS:  # building a model, even on meta, is the slow part of a small load
+        if len(_SKELETONS) > 8:
+            _SKELETONS.clear()
+        _SKELETONS[key] = build_empty(cfg, parts).state_dict()
+    return _SKELETONS[key]
+
+
+_SKELETONS: dict = {}
+
+
 def expected_shapes(cfg: ViQConfig, parts=ALL_PARTS) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in build_empty(cfg, parts).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in _skeleton(cfg, parts).items()}
+
+
+def expected_dtypes(cfg: ViQConfig, parts=ALL_PARTS) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in _skeleton(cfg, parts).items()}
 
 
 def check_keys(where: str, got: dict[str, torch.Tensor], expected: dict[str, tuple], unexpected_extra=(),
@@ -282,6 +299,7 @@ def viq_state(folder: Path, parts):
         if entry is None:
             hint = " (train one with recipes/decoder.yaml, or use --decoder vae)" if p == "pixel_decoder" else ""
             raise WeightsError(f"{folder}: has no '{p}' part (parts: {', '.join(files) or 'none'}){hint}")
+        check_digest(folder, p, entry if isinstance(entry, dict) else {})  # raises naming the file
         path = folder / entry["file"]
         tensors = read_tensors(path)
         check_keys(str(path), tensors, {k: s for k, s in full.items() if part_of(k) == p})
@@ -333,9 +351,22 @@ def load_state(source, parts=ALL_PARTS[:4], config: ViQConfig | None = None):
         if config is None and (folder / "config.json").is_file():
             config = parse_config(read_viq_config(folder), str(folder / "config.json"))
         cfg, state, report = reference_state(find_reference_files(path), parts, config)
+    folder = Path(report.source)
+    check_values(state, expected_dtypes(cfg, parts),
+                 lambda k: str(folder / report.part_sources[part_of(k)].split(" (")[0])
+                 if part_of(k) in report.part_sources and folder.is_dir() else str(report.source))
     report.fingerprints = {p: tensors_fingerprint({k: v for k, v in state.items() if part_of(k) == p})
                            for p in parts}
     return cfg, state, report
+
+
+def available_parts(source) -> tuple[str, ...]:
+    """Every part a source holds: a viq folder lists them; other layouts hold the four published ones."""
+    path = Path(source).expanduser()
+    if is_viq_dir(path):
+        listed = read_viq_config(path).get("parts") or {}
+        return tuple(p for p in ALL_PARTS if p in listed)
+    return ALL_PARTS[:4]
 
 
 def training_state(path: Path, parts, config: ViQConfig | None):

@@ -12,6 +12,7 @@ import torch
 from viq.config import ViQConfig
 from viq.model.viq_model import ALL_PARTS, part_of
 from viq.weights import keymaps
+from viq.weights.integrity import publish_folder
 from viq.weights.io import sha256_file, tensors_fingerprint, write_json, write_safetensors
 
 
@@ -30,7 +31,15 @@ def versions() -> dict:
 
 def save_viq(state: dict[str, torch.Tensor], cfg: ViQConfig, out_dir, source_info: dict | None = None,
              dtype: torch.dtype | None = None) -> dict:
-    """Write every part present in ``state``; config.json last, so a directory with a config is complete."""
+    """Write every part present in ``state`` as one folder, published whole (see ``publish_folder``):
+    a reader of ``out_dir`` sees the old weights or the new ones, never a mix."""
+    with publish_folder(Path(out_dir)) as folder:
+        return write_viq_files(state, cfg, folder, source_info, dtype)
+
+
+def write_viq_files(state: dict[str, torch.Tensor], cfg: ViQConfig, out_dir, source_info: dict | None = None,
+                    dtype: torch.dtype | None = None) -> dict:
+    """The parts, then config.json (with each part's sha256, checked on load) last, into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_part: dict[str, dict[str, torch.Tensor]] = {}
@@ -69,6 +78,8 @@ def export_reference(state: dict[str, torch.Tensor], cfg: ViQConfig, out_dir, si
     for k, v in state.items():
         v = v.detach().cpu().contiguous()
         p = part_of(k)
+        if p == "pixel_decoder":  # the reference layout has no pixel decoder (convert reports it dropped)
+            continue
         if k != "head.codebook":
             enc[keymaps.rename(k, enc_map)] = v
         if p == "decoder":
