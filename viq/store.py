@@ -20,11 +20,21 @@ a later success removes a failure, and a later failure of a changed file removes
 The reader applies this rule in memory; ``finalize_store`` applies it on disk (rewrites the shards
 that hold losing rows, merges failure parts), so a finalized store holds each id exactly once and
 Hugging Face ``datasets`` sees no duplicates. One encode run at a time per store.
+
+Integrity: shards carry Parquet page checksums, and every row a ``digest`` (sha256 of all its fields
+and codes). A reader checks the row it returns (digest, grid size, code range); a writer opening
+the store and ``finalize_store`` check every row. A damaged row (bad digest, codes out of range, an
+id twice in one shard) never wins: it counts as a failure of its id at its age, so a resume encodes
+that image again and finalize records it in failures.jsonl; a reader asking for it gets an error
+naming the shard and row. Ids clash when a later run brings another file under an existing id
+(``a/x.jpg`` and ``b/x.jpg`` both give ``x.jpg``): refused. Names that are not valid UTF-8 are stored
+with each undecodable byte written ``\\xNN``.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import re
@@ -52,6 +62,7 @@ IDENTITY_KEYS = ("fingerprint", "levels", "codebook_size")
 _SHARD_RE = re.compile(r"^shard-r(\d{5,})-(\d{6,})\.parquet$")
 _PART_RE = re.compile(r"^failures-r(\d{5,})\.jsonl$")
 _COLUMNS = ("id", "source", "sha256", "preprocess", "width", "height", "h", "w", "codes")
+_DIGEST = "digest"  # absent from shards written before it existed: those rows are not digest-checked
 _MERGED_KEY = -1  # merged failures are older than anything written after the last finalize
 
 
@@ -68,8 +79,36 @@ def shard_schema(codebook_size: int) -> pa.Schema:
     return pa.schema([
         ("id", pa.string()), ("source", pa.string()), ("sha256", pa.string()), ("preprocess", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("h", pa.int32()), ("w", pa.int32()),
-        ("codes", pa.list_(value)),
+        ("codes", pa.list_(value)), (_DIGEST, pa.string()),
     ])
+
+
+def clean_text(text: str) -> str:
+    """A name as the store keeps it: valid UTF-8 unchanged; each byte that is not written ``\\xNN``.
+
+    File names on Linux are bytes; Python hands undecodable ones over as lone surrogates, which
+    Parquet (UTF-8 only) cannot store.
+    """
+    text = str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def row_digest(id: str, source: str, sha256: str, preprocess: str, width: int, height: int, h: int, w: int,
+               flat: np.ndarray) -> str:
+    """sha256 of every field of a row and its codes (little-endian, as stored)."""
+    head = json.dumps([id, source, sha256, preprocess, int(width), int(height), int(h), int(w)], ensure_ascii=True)
+    digest = hashlib.sha256(head.encode("ascii"))
+    flat = np.asarray(flat)
+    digest.update(np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -154,6 +193,8 @@ class _Scan:
     rows: dict        # id -> (key, shard position, row, sha256), winners only
     failures: dict    # id -> (key, {"source", "id", "reason"}), winners only
     next_index: int   # first shard index a new writer may use: newer than every row and failure
+    corrupt: dict     # id -> (key, shard position, row, {"source", "id", "reason"}): its newest row is damaged
+    sources: dict     # id -> source of its newest entry (row, damaged row or failure)
 
 
 def _shard_files(root: Path) -> list:
@@ -167,7 +208,7 @@ def _shard_files(root: Path) -> list:
 
 def _open_shard(path: Path) -> pq.ParquetFile:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{path}: unreadable shard ({e}); delete it and run encode again to redo its images") from e
     missing = [c for c in _COLUMNS if c not in pf.schema_arrow.names]
@@ -197,27 +238,115 @@ def _read_failures(path: Path, strict: bool) -> list:
     return out
 
 
-def _scan(root: Path) -> _Scan:
-    shards, rows = [], {}
+def _read_group(pf: pq.ParquetFile, path: Path, g: int, columns=None) -> pa.Table:
+    try:
+        return pf.read_row_group(g, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{path}: row group {g} is unreadable ({e}); delete the shard and run encode "
+                         "again to redo its images") from e
+
+
+def _row_problem(group: "_Group", i: int, codebook_size: int | None) -> str | None:
+    """Why row ``i`` of a decoded group cannot be trusted, or None."""
+    c = group.cols
+    h, w, width, height = c["h"][i], c["w"][i], c["width"][i], c["height"][i]
+    if None in (h, w, width, height, c["id"][i]) or min(h, w, width, height) < 1:
+        return f"impossible grid or size (h={h}, w={w}, width={width}, height={height})"
+    flat = group.values[group.offsets[i]:group.offsets[i + 1]]
+    if flat.size != 4 * h * w:
+        return f"{flat.size} codes for a {h}x{w} grid"
+    if codebook_size is not None and flat.size and (int(flat.min()) < 0 or int(flat.max()) >= codebook_size):
+        return f"codes outside [0, {codebook_size}) (min {int(flat.min())}, max {int(flat.max())})"
+    if _DIGEST in c:
+        want = c[_DIGEST][i]
+        have = row_digest(c["id"][i], c["source"][i], c["sha256"][i], c["preprocess"][i], width, height, h, w, flat)
+        if want != have:
+            return "digest mismatch: the row was changed or damaged"
+    return None
+
+
+def _codes_out_of_range(pf: pq.ParquetFile, g: int, codebook_size: int | None) -> bool:
+    """From the row group's statistics alone (no data read): may it hold a code out of range?"""
+    if codebook_size is None:
+        return False
+    rg = pf.metadata.row_group(g)
+    for j in range(rg.num_columns):
+        col = rg.column(j)
+        if col.path_in_schema.startswith("codes."):
+            st = col.statistics
+            if st is None or not st.has_min_max:
+                return True  # unknown: read it
+            return int(st.min) < 0 or int(st.max) >= codebook_size
+    return True
+
+
+def _scan(root: Path, codebook_size: int | None = None, verify: bool = False) -> _Scan:
+    """Resolve every row and failure by "newest wins", setting damaged rows aside.
+
+    ``verify``: decode every row and check it (writers and finalize). Otherwise (readers) only the
+    cheap checks run here: code ranges from the Parquet statistics, an id twice in one shard, and the
+    digest of the newest row of an id that has several; ``CodeStore.get`` checks the row it returns.
+    """
+    shards, candidates, bad, sources = [], {}, {}, {}
     for pos, (index, rank, path) in enumerate(_shard_files(root)):
         pf = _open_shard(path)
         starts = [0]
         for g in range(pf.metadata.num_row_groups):
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
         shards.append(_Shard(path, rank, index, starts))
-        try:
-            table = pf.read(columns=["id", "sha256"])
-        except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"{path}: unreadable shard ({e}); delete it and run encode again") from e
-        for row, (id_, sha) in enumerate(zip(table.column("id").to_pylist(), table.column("sha256").to_pylist())):
-            key = (index, rank, row)
-            if id_ not in rows or rows[id_][0] < key:
-                rows[id_] = (key, pos, row, sha)
+        names = pf.schema_arrow.names
+        cols = ["id", "sha256", "source"] + ([_DIGEST] if _DIGEST in names else [])
+        ids, shas, srcs = [], [], []
+        for g in range(pf.metadata.num_row_groups):
+            if verify or _codes_out_of_range(pf, g, codebook_size):
+                group = _Group(_read_group(pf, path, g))
+                for i in range(len(group.cols["id"])):
+                    problem = _row_problem(group, i, codebook_size)
+                    if problem:
+                        bad[(pos, starts[g] + i)] = problem
+                table_cols = group.cols
+            else:
+                t = _read_group(pf, path, g, columns=cols)
+                table_cols = {c: t.column(c).to_pylist() for c in cols}
+            ids += table_cols["id"]
+            shas += table_cols["sha256"]
+            srcs += table_cols["source"]
+        first: dict = {}
+        for row, (id_, sha, src) in enumerate(zip(ids, shas, srcs)):
+            if id_ in first:
+                bad[(pos, row)] = f"id also at row {first[id_]} of the same shard (a row was added by hand?)"
+            first.setdefault(id_, row)
+            candidates.setdefault(id_, []).append(((index, rank, row), pos, row, sha, src))
+
+    def problem_of(pos: int, row: int) -> str | None:
+        if (pos, row) not in bad and not verify:  # readers check the rows whose choice matters
+            shard = shards[pos]
+            g = bisect.bisect_right(shard.group_starts, row) - 1
+            group = _Group(_read_group(_open_shard(shard.path), shard.path, g))
+            bad[(pos, row)] = _row_problem(group, row - shard.group_starts[g], codebook_size)
+        return bad.get((pos, row))
+
+    rows, corrupt = {}, {}
+    for id_, cands in candidates.items():
+        cands.sort(key=lambda c: c[0], reverse=True)
+        key, pos, row, sha, src = cands[0]
+        sources[id_] = src
+        if not bad.get((pos, row)) and (len(cands) == 1 or not problem_of(pos, row)):
+            rows[id_] = (key, pos, row, sha)
+            continue
+        # the newest row is damaged: a sound row of the same file content (same sha256) stands in for
+        # it (e.g. the original beside a bogus row appended to its shard); otherwise the image is redone
+        stand_in = next((c for c in cands[1:] if c[3] == sha and not problem_of(c[1], c[2])), None)
+        if stand_in is not None:
+            rows[id_] = (key, stand_in[1], stand_in[2], sha)
+        else:
+            reason = f"{shards[pos].path.name}: row {row} is damaged ({bad[(pos, row)]}); encode it again"
+            corrupt[id_] = (key, pos, row, {"source": src, "id": id_, "reason": reason})
 
     failures, order, max_gen = {}, 0, -1
-    sources = [(root / FAILURES, None)] if (root / FAILURES).is_file() else []
-    sources += sorted((p, int(m.group(1))) for p in root.iterdir() if (m := _PART_RE.match(p.name)))
-    for path, rank in sources:
+    sources_f = [(root / FAILURES, None)] if (root / FAILURES).is_file() else []
+    sources_f += sorted((p, int(m.group(1))) for p in root.iterdir() if (m := _PART_RE.match(p.name)))
+    for path, rank in sources_f:
         for rec in _read_failures(path, strict=rank is None):
             order += 1
             gen = _MERGED_KEY if rank is None else int(rec.get("gen", 0))
@@ -228,14 +357,19 @@ def _scan(root: Path) -> _Scan:
                 failures[rec["id"]] = (key, clean)
 
     for id_ in list(failures):
-        if id_ in rows:
-            if rows[id_][0] > failures[id_][0]:
+        newest_row = rows.get(id_, corrupt.get(id_))
+        if newest_row is not None:
+            if newest_row[0] > failures[id_][0]:
                 del failures[id_]
             else:
-                del rows[id_]
+                rows.pop(id_, None)
+                corrupt.pop(id_, None)
+                sources[id_] = failures[id_][1].get("source")
+        else:
+            sources[id_] = failures[id_][1].get("source")
     # Unmerged failures count too: a killed finalize may have deleted the shard with the top index.
     next_index = max(max((s.index for s in shards), default=-1) + 1, max_gen)
-    return _Scan(shards, rows, failures, next_index)
+    return _Scan(shards, rows, failures, next_index, corrupt, sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,8 +404,11 @@ class CodeStoreWriter:
         _remove_temps(self.root, self._tmp)  # our own leftovers only: other ranks may be writing
         self._open_manifest(dict(model_info))
 
-        scan = _scan(self.root)
+        scan = _scan(self.root, self.codebook_size, verify=True)  # every row checked: damaged ones are redone
         self._finished = {id_: r[3] for id_, r in scan.rows.items()}
+        self._sources = scan.sources
+        #: rows found damaged on open ({"source", "id", "reason"}); their images are not "finished".
+        self.damaged = [c[3] for c in scan.corrupt.values()]
         self._next_index = scan.next_index
         self._session: dict = {}  # id -> sha256 of rows added by this writer (flushed or not)
         self._buffer: list = []
@@ -313,10 +450,22 @@ class CodeStoreWriter:
 
     def needs_encoding(self, id: str, sha256: str) -> bool:
         """True unless a row for this id with this source hash is committed or already added here."""
+        id = clean_text(id)
         return self._session.get(id, self._finished.get(id)) != sha256
+
+    def _check_clash(self, id: str, source: str) -> None:
+        """A later run bringing another file under an id already in the store would replace it silently."""
+        was = self._sources.get(id)
+        if was is not None and was != source:
+            raise StoreError(f"{self.root}: id {id!r} already names {was}, and this run gives it to {source}. "
+                             "Ids are paths relative to the input folder, so two folders can give one id: "
+                             "encode their common parent folder instead, give explicit ids in a .jsonl list "
+                             "({\"path\": ..., \"id\": ...} per line), or use another --out")
 
     def add(self, id: str, source: str, sha256: str, width: int, height: int, codes: np.ndarray) -> None:
         """Queue one image's (h, w, 4) code grid; a shard is written every ``rows_per_shard`` rows."""
+        id, source = clean_text(id), clean_text(source)
+        self._check_clash(id, source)
         codes = np.asarray(codes)
         if codes.ndim != 3 or codes.shape[2] != 4 or codes.shape[0] < 1 or codes.shape[1] < 1:
             raise StoreError(f"{id}: codes must have shape (h, w, 4) with h, w >= 1, got {codes.shape}")
@@ -326,18 +475,25 @@ class CodeStoreWriter:
         if lo < 0 or hi >= self.codebook_size:
             raise StoreError(f"{id}: codes range [{lo}, {hi}] is outside [0, {self.codebook_size})")
         h, w = codes.shape[:2]
-        self._buffer.append((id, source, sha256, self.preprocess, int(width), int(height), h, w,
-                             codes.astype(self._dtype).reshape(-1)))
+        if int(width) < 1 or int(height) < 1:
+            raise StoreError(f"{id}: image size must be >= 1, got {width}x{height}")
+        flat = codes.astype(self._dtype).reshape(-1)
+        self._buffer.append((id, source, sha256, self.preprocess, int(width), int(height), h, w, flat,
+                             row_digest(id, source, sha256, self.preprocess, width, height, h, w, flat)))
         self._session[id] = sha256
+        self._sources[id] = source
         self.added += 1
         if len(self._buffer) >= self.rows_per_shard:
             self.flush()
 
     def add_failure(self, id: str, source: str, reason: str) -> None:
         """Record an image that could not be encoded; written through at once so a kill keeps it."""
+        id, source = clean_text(id), clean_text(source)
+        self._check_clash(id, source)
+        self._sources[id] = source
         if self._failures_file is None:
             self._failures_file = open(self.root / f"failures-r{self.rank:05d}.jsonl", "a", encoding="utf-8")
-        rec = {"source": str(source), "id": id, "reason": str(reason), "gen": self._next_index}
+        rec = {"source": source, "id": id, "reason": clean_text(reason), "gen": self._next_index}
         self._failures_file.write(json.dumps(rec) + "\n")
         self._failures_file.flush()
         self._session.pop(id, None)
@@ -354,13 +510,14 @@ class CodeStoreWriter:
         codes = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat)),
                                          type=self._schema.field("codes").type)
         arrays = [pa.array(list(col), type=self._schema.field(i).type) for i, col in enumerate(cols[:8])]
-        table = pa.Table.from_arrays(arrays + [codes], schema=self._schema)
+        digests = pa.array(list(cols[9]), type=pa.string())
+        table = pa.Table.from_arrays(arrays + [codes, digests], schema=self._schema)
 
         final = self.root / f"shard-r{self.rank:05d}-{self._next_index:06d}.parquet"
         if final.exists():
             raise StoreError(f"{final} already exists: another writer with rank {self.rank} is using this store")
         tmp = self.root / f"{self._tmp}{uuid.uuid4().hex}"
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="zstd", write_page_checksum=True)
         os.replace(tmp, final)
         self._next_index += 1
         self._buffer.clear()
@@ -390,7 +547,11 @@ def finalize_store(root) -> dict:
     manifest = _read_manifest(root)
     _remove_temps(root, ".tmp-")  # all ranks are closed: every temp is a leftover
     tmp = ".tmp-final-"
-    scan = _scan(root)
+    try:
+        codebook_size = _codebook_size(manifest.get("model") or {})
+    except StoreError:
+        codebook_size = None
+    scan = _scan(root, codebook_size, verify=True)  # damaged rows lose: recorded as failures below
 
     keep: dict = {}
     for _, pos, row, _ in scan.rows.values():
@@ -406,11 +567,13 @@ def finalize_store(root) -> dict:
             mask = np.zeros(total, dtype=bool)
             mask[sorted(rows)] = True
             out = root / f"{tmp}{uuid.uuid4().hex}"
-            pq.write_table(table.filter(pa.array(mask)), out, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+            pq.write_table(table.filter(pa.array(mask)), out, row_group_size=ROW_GROUP_ROWS, compression="zstd",
+                           write_page_checksum=True)
             os.replace(out, shard.path)
         shards.append({"file": shard.path.name, "rows": len(rows)})
 
-    failures = [scan.failures[k][1] for k in sorted(scan.failures)]
+    lost = {id_: c[3] for id_, c in scan.corrupt.items()}
+    failures = [lost[k] if k in lost else scan.failures[k][1] for k in sorted(set(scan.failures) | set(lost))]
     _write_atomic(root / FAILURES, "".join(json.dumps(f) + "\n" for f in failures), tmp)
     for p in root.iterdir():
         if _PART_RE.match(p.name):
@@ -432,7 +595,8 @@ class _Group:
     """One decoded row group: columns as Python lists, codes as flat values + offsets."""
 
     def __init__(self, table: pa.Table):
-        self.cols = {c: table.column(c).to_pylist() for c in _COLUMNS[:-1]}
+        names = table.column_names
+        self.cols = {c: table.column(c).to_pylist() for c in _COLUMNS[:-1] + (_DIGEST,) if c in names}
         codes = table.column("codes").combine_chunks()
         self.offsets = codes.offsets.to_numpy()
         self.values = codes.values.to_numpy(zero_copy_only=False)
@@ -441,15 +605,21 @@ class _Group:
 class CodeStore:
     """Read-only view of a store: ``len``, ``in``, ``get(id)``, iteration sorted by id.
 
-    The id index is built on first use (reads only the ``id`` and ``sha256`` columns); ``get``
-    reads the one row group that holds the id and keeps the last few groups cached. Works on an
-    unfinalized store too (newest row per id wins, as finalize would decide). Safe to pass to
-    DataLoader workers: caches are dropped on pickling and after a fork.
+    The id index is built on first use (reads the ``id``, ``sha256``, ``source`` and ``digest``
+    columns); ``get`` reads the one row group that holds the id, checks the row (digest, grid,
+    code range) and keeps the last few groups cached. Works on an unfinalized store too (newest row
+    per id wins, as finalize would decide). An id whose newest row is damaged is listed, and ``get``
+    raises a ``StoreError`` naming the shard and row. Safe to pass to DataLoader workers: caches are
+    dropped on pickling and after a fork.
     """
 
     def __init__(self, root, cache_groups: int = 8):
         self.root = Path(root)
         self.manifest = _read_manifest(self.root)
+        try:
+            self.codebook_size: int | None = _codebook_size(self.manifest.get("model") or {})
+        except StoreError:
+            self.codebook_size = None
         self.cache_groups = cache_groups
         self._scan: _Scan | None = None
         self._ids: list | None = None
@@ -468,20 +638,25 @@ class CodeStore:
     @property
     def _index(self) -> _Scan:
         if self._scan is None:
-            self._scan = _scan(self.root)
+            self._scan = _scan(self.root, self.codebook_size)
         return self._scan
 
     def __len__(self) -> int:
-        return len(self._index.rows)
+        return len(self._index.rows) + len(self._index.corrupt)
 
     def __contains__(self, id) -> bool:
-        return id in self._index.rows
+        id = clean_text(id)
+        return id in self._index.rows or id in self._index.corrupt
 
     def ids(self) -> list:
-        """All ids, sorted."""
+        """All ids, sorted (those whose row is damaged too: ``get`` names the damage)."""
         if self._ids is None:
-            self._ids = sorted(self._index.rows)
+            self._ids = sorted(set(self._index.rows) | set(self._index.corrupt))
         return list(self._ids)
+
+    def damaged(self) -> list:
+        """``{"source", "id", "reason"}`` of every id whose newest row is damaged (found so far)."""
+        return [self._index.corrupt[k][3] for k in sorted(self._index.corrupt)]
 
     def __iter__(self):
         for id_ in self.ids():
@@ -491,7 +666,11 @@ class CodeStore:
         return self.get(id)
 
     def get(self, id: str) -> CodeRecord:
-        """The record of one image; KeyError if the store has no row for it."""
+        """The record of one image; KeyError if the store has no row for it, StoreError (naming the
+        shard and row) if its row is damaged."""
+        id = clean_text(id)
+        if id in self._index.corrupt:
+            raise StoreError(f"{self.root}: {id!r}: {self._index.corrupt[id][3]['reason']} (its input, to replace it)")
         entry = self._index.rows.get(id)
         if entry is None:
             raise KeyError(f"{id!r} is not in the code store {self.root}")
@@ -500,11 +679,14 @@ class CodeStore:
         g = bisect.bisect_right(shard.group_starts, row) - 1
         group, i = self._group(pos, g), row - shard.group_starts[g]
         c = group.cols
+        problem = _row_problem(group, i, self.codebook_size)
+        if problem is None and c["id"][i] != id:
+            problem = f"holds id {c['id'][i]!r}, not {id!r}"
+        if problem:
+            raise StoreError(f"{shard.path}: row {row} ({id!r}) is damaged: {problem}; run encode again on its "
+                             "input to replace it")
         h, w = c["h"][i], c["w"][i]
         flat = group.values[group.offsets[i]:group.offsets[i + 1]]
-        if flat.size != 4 * h * w:
-            raise StoreError(f"{shard.path}: row {row} ({id}) has {flat.size} codes for a {h}x{w} grid; "
-                             f"delete the shard and run encode again")
         return CodeRecord(id=c["id"][i], source=c["source"][i], sha256=c["sha256"][i],
                           preprocess=c["preprocess"][i], width=c["width"][i], height=c["height"][i],
                           h=h, w=w, codes=flat.astype(np.int64).reshape(h, w, 4))
@@ -532,10 +714,7 @@ class CodeStore:
             pf = self._files[pos] = _open_shard(path)
             if len(self._files) > self.cache_groups:
                 self._files.popitem(last=False)
-        try:
-            group = _Group(pf.read_row_group(g, columns=list(_COLUMNS)))
-        except (pa.ArrowException, OSError) as e:
-            raise StoreError(f"{path}: unreadable shard ({e}); delete it and run encode again") from e
+        group = _Group(_read_group(pf, path, g))
         self._groups[key] = group
         if len(self._groups) > self.cache_groups:
             self._groups.popitem(last=False)
