@@ -87,13 +87,21 @@ def reconstruct(
         else:
             out.print(f"wrote {len(summary.written)} PNG(s) to {out_dir} ({decoder} decoder)"
                       + (f", {summary.skipped} already there" if summary.skipped else ""), highlight=False)
+        for f in summary.failed:  # named; the other images were written
+            err.print(f"failed {f['id']!r}: {f['reason']}", style="red", highlight=False, markup=False,
+                      soft_wrap=True)
+        if summary.failed:
+            raise typer.Exit(1)
 
 
 def embed(
     store_dir: Path = typer.Argument(..., help="A code store made by `viqctl encode`."),
-    out_file: Path = typer.Option(..., "--out", "-o", help="Output .safetensors (one (h*w, C) entry per id)."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="A folder of feature shards, or one FILE.safetensors "
+                                  "(one (h*w, C) entry per id); rerun the same command to resume."),
     ids: Optional[str] = IdsOpt,
     model: Optional[str] = ModelOpt,
+    feature_dtype: str = typer.Option("float32", "--feature-dtype", help="float32 or bfloat16 (half the bytes)."),
+    shard_mb: int = typer.Option(512, "--shard-mb", help="Features per shard (MiB): bounds memory."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     models_dir: Optional[Path] = ModelsDirOpt,
@@ -103,17 +111,22 @@ def embed(
     """Turn codes into LLM-ready features (the input of the MLLM projector).
 
     Example: viqctl embed codes/ --out feats.safetensors
+
+    Streams: memory holds one shard; a folder --out gets features-NNNNNN.safetensors + index.json.
     """
-    from viq.decode import embed_store, select_ids
+    from viq.decode import select_ids
+    from viq.embed import embed_store
 
     with cli_errors(debug):
-        check_out_file(out_file, ".safetensors")
+        if Path(out_file).suffix == ".safetensors":
+            check_out_file(out_file, ".safetensors")
         store, path = _locate(store_dir, model, models_dir)
         tok = _load(path, device, dtype, ("decoder",))
         chosen = [i for i in ids.split(",") if i] if ids else None
         bar, task = _bar("embed", len(select_ids(store, chosen)), json_out)
         with bar:
-            result = embed_store(store, tok, out_file, chosen, progress=lambda n: bar.advance(task, n))
+            result = embed_store(store, tok, out_file, chosen, progress=lambda n: bar.advance(task, n),
+                                 dtype=feature_dtype, max_shard_bytes=max(1, shard_mb) << 20)
         if json_out:
             print_json(result)
         else:
