@@ -89,8 +89,9 @@ optim: {max_steps: 10}
     ("stagse: {}", "stagse", "stages"),
 ])
 def test_typo_names_key_and_nearest(tmp_path, text, key, nearest):
+    base = MINIMAL.replace("optim: {max_steps: 10}\n", "") if text.startswith("optim:") else MINIMAL  # no key twice
     with pytest.raises(RecipeError) as e:
-        load_recipe(_write(tmp_path, MINIMAL + text))
+        load_recipe(_write(tmp_path, base + text))
     msg = str(e.value)
     assert f"{key}: unknown key" in msg and repr(nearest) in msg
 

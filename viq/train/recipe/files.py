@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from viq.errors import RecipeError
 from viq.train.recipe.problems import problems, report
 from viq.train.recipe.schema import Recipe
-from viq.train.recipe.tree import apply_override, deep_merge, load_yaml, substitute
+from viq.train.recipe.tree import MAX_TEXT_CHARS, apply_override, check_values, deep_merge, load_yaml, substitute
 
 FILE_KEYS = ("extends", "stages")  # consumed while reading a file; not part of a resolved Recipe
 
@@ -27,7 +27,16 @@ def _read_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(f"{path}: 'extends' loops back to itself")
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    data = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    if path.stat().st_size > 4 * MAX_TEXT_CHARS:
+        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; too large for a recipe")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); "
+                          "save the recipe as UTF-8") from None
+    data = load_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -55,6 +64,7 @@ def list_stages(path: Union[str, Path]) -> list[str]:
 
 def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
     """Validate an already-merged recipe dict (no stages, overrides or variables left)."""
+    check_values(data, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -63,7 +73,30 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
         recipe.viq_config()
     except RecipeError as exc:
         raise RecipeError(report(source, str(exc).split("\n"))) from None
+    _check_weight_paths(recipe, source)
     return recipe
+
+
+def _check_weight_paths(recipe: Recipe, source: str) -> None:
+    """Fields naming weights hold something a loader can open or look up, checked now rather than
+    when the run reaches them (a path the OS refuses would otherwise crash mid-run)."""
+    from viq.train.weight_paths import FIELDS
+
+    values = [(f"{s}.{k}", getattr(getattr(recipe, s), k, None)) for s, k, _ in FIELDS if getattr(recipe, s, None)]
+    values += [(f"paths.{k}", v) for k, v in recipe.paths.items()]
+    for key, value in values:
+        if not isinstance(value, str):
+            continue
+        bad = next((ch for ch in value if ord(ch) < 32 or ord(ch) == 127), None)
+        if bad is not None:
+            raise RecipeError(f"{source}: {key}: contains the control character {bad!r}; give a path or a model name")
+        if len(value) > 4096 or any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):
+            raise RecipeError(f"{source}: {key}: too long for a path (components up to 255 bytes, 4096 in all)")
+        if value.startswith("~"):
+            try:
+                Path(value).expanduser()
+            except RuntimeError:
+                raise RecipeError(f"{source}: {key}: {value.split('/')[0]} names no user with a home folder") from None
 
 
 def load_recipe(path: Union[str, Path], stage: Optional[str] = None,
