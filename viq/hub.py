@@ -4,7 +4,9 @@ A models directory holds one folder per Hub repo, named as the reference README 
 (``siglip2_g_384_16/``, ``Qwen2.5-0.5B/``, ``Qwen-Image/``, ``ViQ_weights/``), plus
 ``registry.json`` (name -> where it lives, repo, revision, files, time). ``resolve_model`` turns a
 name into the path a loader wants; ``download`` fetches only the files a name needs;
-``import_weights`` registers weights a user already has.
+``import_weights`` registers weights a user already has. ``REPO_ID[@REVISION][:SUBFOLDER]`` (and a
+known name not in the models directory) resolves through the Hugging Face cache (``viq.hf_cache``),
+so weights fetched by any Hugging Face tool are reused and never downloaded twice.
 
 huggingface_hub does the transfers: it resumes interrupted files, and it honours ``HF_TOKEN``,
 ``HF_HOME``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` itself. This module reads no environment variable.
@@ -582,7 +584,13 @@ def resolve_model(name_or_path: str | os.PathLike, models_dir: str | os.PathLike
     given = Path(name_or_path).expanduser()
     if given.exists():
         return given
-    return _lookup(str(name_or_path), default_models_dir(models_dir), explicit_dir=models_dir is not None)
+    text, root = str(name_or_path), default_models_dir(models_dir)
+    from viq.hf_cache import hub_cache_path, parse_repo_ref
+
+    ref = parse_repo_ref(text)
+    if ref is not None and text not in load_registry(root) and text not in KNOWN_MODELS:
+        return hub_cache_path(*ref)
+    return _lookup(text, root, explicit_dir=models_dir is not None)
 
 
 def _lookup(name: str, root: Path, explicit_dir: bool = True) -> Path:
@@ -600,6 +608,11 @@ def _lookup(name: str, root: Path, explicit_dir: bool = True) -> Path:
                        "see `viqctl download --list`")
     target = _find_target(entry, root / entry.folder)
     if target is None or _missing_in(entry, target):
+        from viq.hf_cache import in_hub_cache
+
+        cached = in_hub_cache(entry)  # fetched by another Hugging Face tool: use it where it is
+        if cached is not None:
+            return cached
         raise HubError(f"{name} is not downloaded in {root}; run `viqctl download {name}"
                        + (f" --dir {root}" if explicit_dir else "") + "`")
     return target

@@ -172,17 +172,20 @@ class ViQTokenizer:
 
 
 def load_tokenizer(source=None, parts: Sequence[str] = ("encoder", "decoder", "drawer"), device=None,
-                   dtype=None, config: ViQConfig | None = None, models_dir=None) -> ViQTokenizer:
+                   dtype=None, config: ViQConfig | None = None, models_dir=None,
+                   subfolder: str | None = None) -> ViQTokenizer:
     """Load a tokenizer from a viq directory, a reference-layout directory or a downloaded name.
 
     ``parts``: load only what the task needs (``("encoder",)`` to produce codes: no VAE, no adapter,
-    no attention pool). ``source=None`` is the small demo model bundled with viq.
+    no attention pool). ``source=None`` is the small demo model bundled with viq. A Hub repo id
+    (with ``subfolder``, e.g. ``"XuminYu/ViQ_weights", subfolder="converted_16k"``) is found in the
+    Hugging Face cache (HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE as huggingface_hub reads them).
     """
     from viq.weights.formats import load_model
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    path = resolve_source(source, models_dir)
+    path = resolve_source(source if subfolder is None else f"{source}:{subfolder}", models_dir)
     model, cfg, report = load_model(path, parts=[p for p in ALL_PARTS if p in parts], dtype=dtype,
                                     device=device, config=config)
     return ViQTokenizer(model, cfg, report, str(path))
