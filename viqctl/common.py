@@ -12,8 +12,10 @@ import typer
 from viqctl.console import err
 
 ModelOpt = typer.Option(None, "--model", "-m",
-                        help="Weights: a viq directory, a reference converted_<size>/ directory, or a name "
-                             "placed by `viqctl download` (e.g. viq-16k). Default: the bundled demo model.")
+                        help="Weights: a viq directory, a reference converted_<size>/ directory, a name "
+                             "placed by `viqctl download` (e.g. viq-16k), or a Hub repo REPO_ID[:SUBFOLDER] "
+                             "found in the Hugging Face cache (e.g. XuminYu/ViQ_weights:converted_16k). "
+                             "Default: the bundled demo model.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
 DtypeOpt = typer.Option("auto", "--dtype", help="float32 or bfloat16 (auto: float32 on CPU, bfloat16 on CUDA).")
 ModelsDirOpt = typer.Option(None, "--models-dir", envvar="VIQ_MODELS_DIR",
