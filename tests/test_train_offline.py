@@ -15,7 +15,7 @@ from viq.errors import StoreError
 from viq.sources import collect_sources
 from viq.tokenizer import load_tokenizer
 from viq.train.progress import ProgressEvent
-from viq.train.offline_stage import group_rows
+from viq.train.stages.offline import group_rows
 from viq.train.recipe import load_recipe
 from viq.train.run import train
 from viq.weights.io import read_tensors
@@ -56,7 +56,8 @@ def test_trains_and_writes_outputs(world):
                 eval_limit=4)
     assert res.steps == 4 and len(res.history) == 4 and res.viq_dir is None
     for rec in res.history:
-        assert math.isfinite(rec["loss"]) and rec["tokens_per_s"] > 0 and rec["lr"] > 0
+        assert math.isfinite(rec["loss"]) and rec["tokens"] > 0 and rec["supervised"] > 0 and rec["lr"] > 0
+    assert all(e.metrics["tokens_per_s"] > 0 for e in events if e.kind == "log")
     kinds = {e.kind for e in events}
     assert {"start", "step", "log", "save", "eval", "end"} <= kinds
     m = json.loads((res.out_dir / "metrics.json").read_text())

@@ -487,8 +487,8 @@ class PackedMLLM(nn.Module):
             embeds = embeds.masked_scatter(batch.image_mask[..., None], flat)
         return embeds
 
-    def forward(self, batch: PackedBatch) -> PackedOutput:
-        embeds = self.embed(batch)
+    def hidden(self, batch: PackedBatch, embeds: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states of the packed rows, samples kept apart as the attention allows."""
         kwargs, attn = {}, self._attn()
         if attn is not None and attn.startswith("flash_attention"):  # precomputed varlen boundaries: no host syncs
             cu = cu_seqlens(batch.segments, embeds.device)
@@ -496,14 +496,18 @@ class PackedMLLM(nn.Module):
             kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
         elif attn == VARLEN_SDPA:
             kwargs = dict(cu_seq_lens_q=cu_seqlens(batch.segments, "cpu"))  # read on the host
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, position_ids=batch.position_ids,
-                                        use_cache=False, **kwargs).last_hidden_state
-        # position t predicts t+1, except across a sample boundary (the next position restarts at 0)
+        return self.llm.get_decoder()(inputs_embeds=embeds, position_ids=batch.position_ids,
+                                      use_cache=False, **kwargs).last_hidden_state
+
+    def supervised(self, batch: PackedBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the supervised positions: t predicts t+1, never across a sample boundary."""
         target = batch.labels[:, 1:].masked_fill(batch.position_ids[:, 1:] == 0, IGNORE_INDEX)
         sel = target != IGNORE_INDEX
-        n = int(sel.sum())
-        if n == 0:
-            zero = hidden[:, :1].sum() * 0.0
-            return PackedOutput(zero, 0, batch.n_tokens)
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float()
-        return PackedOutput(F.cross_entropy(logits, target[sel]), n, batch.n_tokens)
+        return self.llm.get_output_embeddings()(hidden[:, :-1][sel]).float(), target[sel]
+
+    def forward(self, batch: PackedBatch) -> PackedOutput:
+        hidden = self.hidden(batch, self.embed(batch))
+        logits, target = self.supervised(batch, hidden)
+        if target.numel() == 0:
+            return PackedOutput(hidden[:, :1].sum() * 0.0, 0, batch.n_tokens)
+        return PackedOutput(F.cross_entropy(logits, target), int(target.numel()), batch.n_tokens)

@@ -37,7 +37,7 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelerator) -> dict:
+def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelerator, tick=None) -> dict:
     """Held-out metrics, each process on its share of the samples, summed across processes.
 
     caption_token_accuracy: teacher-forced argmax accuracy on answer tokens, the image entering as
@@ -61,6 +61,8 @@ def evaluate(model: TrainModel, targets: FrozenTargets, spec: EvalSpec, accelera
     for start in range(0, len(mine), spec.micro_batch):
         batch = collate([spec.dataset[i] for i in mine[start:start + spec.micro_batch]]).to(device)
         sums["skipped"] += len(batch.skipped)
+        if tick is not None:
+            tick(min(n, (start + spec.micro_batch) * accelerator.num_processes), n)
         if batch.n_samples == 0:
             continue
         with accelerator.autocast():

@@ -21,7 +21,7 @@ def is_step_checkpoint(path: Path) -> bool:
 def step_checkpoint_state(path: Path):
     """(viq config, state in viq names, description) for ``<run>/checkpoints/step-N``."""
     from viq.train.recipe import load_recipe
-    from viq.train.run import build_student, build_target_vae
+    from viq.train.build import build_student, build_target_vae
     from viq.train.weight_paths import resolve_recipe_weights
 
     path = Path(path)

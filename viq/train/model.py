@@ -21,6 +21,8 @@ class LossPlan:
     draw: bool
     feat_rec: bool
     vit_grad: bool
+    #: losses.cls_distill.max_res: images above max_res^2 pixels are left out of the distillation
+    distill_max_res: Optional[int] = None
 
 
 class TrainModel(nn.Module):
@@ -44,7 +46,13 @@ class TrainModel(nn.Module):
             out = self.student(batch.images, pool_from=plan.pool_from, draw=plan.draw, feat_rec=plan.feat_rec,
                                vit_grad=plan.vit_grad)
             if plan.pool_from is not None:
-                terms["cls_distill"] = distill_loss(out.pooled, teacher_feats)
+                keep = distill_images(batch.images, plan.distill_max_res)
+                if keep is None:
+                    terms["cls_distill"] = distill_loss(out.pooled, teacher_feats)
+                elif bool(keep.any()):
+                    terms["cls_distill"] = distill_loss(out.pooled[keep], teacher_feats[keep])
+                else:  # every image is too large for this loss: a zero that keeps the graph connected
+                    terms["cls_distill"] = out.pooled.sum() * 0.0
             if plan.draw:
                 terms["rec_latent_mse"] = latent_mse(out.latents, target_latents)
             if self.student.head is not None and plan.weights.get("commit"):
@@ -61,6 +69,14 @@ class TrainModel(nn.Module):
         if total is None:
             total = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         return total, terms, stats
+
+
+def distill_images(images, max_res: Optional[int]) -> Optional[torch.Tensor]:
+    """Which images the distillation sees: those of at most ``max_res``^2 pixels (None: all)."""
+    if max_res is None:
+        return None
+    return torch.tensor([int(im.shape[-2]) * int(im.shape[-1]) <= max_res * max_res for im in images],
+                        device=images[0].device)
 
 
 def trained_state(model: TrainModel) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""AdamW with the right parameters left undecayed, and the warmup + cosine schedule."""
+"""AdamW (or plain SGD) with the right parameters left undecayed, and the warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -39,10 +39,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim.weight_decay)
-    if not groups:
-        raise ValueError("nothing to train: no parameter requires gradients")
+def make_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
+    """``optim.name``: adamw (training), or sgd (plain, no momentum: what the equivalence tests compare)."""
+    if not groups or not any(g["params"] for g in groups):
+        from viq.errors import ConfigError
+
+        raise ConfigError("nothing to train: no parameter requires gradients")
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 

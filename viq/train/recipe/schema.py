@@ -316,6 +316,13 @@ class LLMSection(_Section):
     trainable: bool = False
     lora: LoraSection = Field(default_factory=LoraSection)
     projector: ProjectorSection = Field(default_factory=ProjectorSection)
+    #: mllm_offline attention over packed rows: flash_attention_2 (packed boundaries), varlen_sdpa (SDPA
+    #: per packed sample, no cross-row mask), sdpa (one block-diagonal mask over the packed rows: the
+    #: slow baseline); auto = flash_attention_2 where flash-attn and a GPU are there, else varlen_sdpa.
+    attention: Literal["auto", "flash_attention_2", "varlen_sdpa", "sdpa"] = "auto"
+    #: mllm_offline: an earlier offline run (its folder or model.safetensors) whose projector and
+    #: LoRA / LLM tensors this run starts from (LLaVA pretrain -> finetune as two recipes).
+    init_from: Optional[str] = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -346,8 +353,6 @@ class DataSection(_Section):
     micro_batch_size: PositiveInt = 1
     #: token (ViT patch) budget per micro-batch; when set, batches are sized by it, not by count.
     max_tokens_per_batch: Optional[PositiveInt] = None
-    #: pack all images of a micro-batch into one sequence (no padding, no cross-image attention).
-    packing: bool = True
     shuffle: bool = True
     #: keep only this leading fraction of the samples.
     sample_fraction: Optional[float] = Field(None, gt=0, le=1)
@@ -393,6 +398,8 @@ class ScheduleSection(_Section):
 class OptimSection(_Section):
     """AdamW; weight decay off for biases and norms."""
 
+    #: adamw, or sgd (plain, no momentum: what the accumulation-equivalence tests compare).
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 1e-4
     weight_decay: NonNegativeFloat = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -416,14 +423,16 @@ class RuntimeSection(_Section):
     tf32: bool = True
     #: DeepSpeed ZeRO stage through accelerate; None = plain DDP (or a single process).
     deepspeed_zero: Optional[Literal[1, 2, 3]] = None
+    #: FSDP2 through accelerate (GPUs; the 7B-class LLM stages); excludes deepspeed_zero.
+    fsdp: bool = False
     #: activation checkpointing of the ViT, head, adapter and LLM blocks.
     gradient_checkpointing: bool = True
     save_every: PositiveInt = 1000
     keep_last: PositiveInt = 1
     log_every: PositiveInt = 10
     eval_every: Optional[PositiveInt] = None
-    #: write TensorBoard events when tensorboard is installed.
-    tensorboard: bool = True
+    #: accelerate trackers (``log_with``), each used when installed: tensorboard (<out>/tensorboard), wandb, mlflow.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
     #: continue from the latest checkpoint in the run's directory.
     resume: bool = False
 
@@ -475,9 +484,11 @@ class Recipe(_Section):
                                 "teacher.enabled: false, decoder.enabled: false")
         elif self.data.code_store:
             problems.append("data.code_store is only read by run.task mllm_offline")
+        if task != "mllm_offline" and self.llm is not None and (self.llm.init_from or self.llm.attention != "auto"):
+            problems.append("llm.init_from and llm.attention are read by run.task mllm_offline only")
         # the offline stage packs code-store rows to llm.max_length; the store fixed each image's size
-        unread = {"mllm_offline": ("num_workers", "packing", "max_tokens_per_batch", "default_resize"),
-                  "decoder": ("packing", "max_tokens_per_batch")}.get(task, ())
+        unread = {"mllm_offline": ("num_workers", "max_tokens_per_batch", "default_resize"),
+                  "decoder": ("max_tokens_per_batch",)}.get(task, ())
         defaults = DataSection(path=self.data.path)
         for key in unread:  # a default value is harmless (and a printed recipe lists every key)
             if getattr(self.data, key) != getattr(defaults, key):
@@ -488,6 +499,8 @@ class Recipe(_Section):
             problems.append("run.task decoder trains on pixels: set decoder.target: pixel")
         if task != "decoder" and self.decoder.pixel is not None:
             problems.append("decoder.pixel is only read by run.task decoder")
+        if self.runtime.fsdp and self.runtime.deepspeed_zero:
+            problems.append("runtime.fsdp and runtime.deepspeed_zero exclude each other: pick one")
         if self.runtime.eval_every and not self.data.val_path:
             problems.append("runtime.eval_every needs data.val_path")
         if self.llm and self.llm.projector.pool == "2x" and self.data.default_resize.patch % 32:
