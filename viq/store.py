@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -64,6 +65,7 @@ _PART_RE = re.compile(r"^failures-r(\d{5,})\.jsonl$")
 _COLUMNS = ("id", "source", "sha256", "preprocess", "width", "height", "h", "w", "codes")
 _DIGEST = "digest"  # absent from shards written before it existed: those rows are not digest-checked
 _MERGED_KEY = -1  # merged failures are older than anything written after the last finalize
+log = logging.getLogger(__name__)
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
@@ -409,6 +411,8 @@ class CodeStoreWriter:
         self._sources = scan.sources
         #: rows found damaged on open ({"source", "id", "reason"}); their images are not "finished".
         self.damaged = [c[3] for c in scan.corrupt.values()]
+        for rec in self.damaged[:20]:
+            log.warning("%s: %s", self.root, rec["reason"])
         self._next_index = scan.next_index
         self._session: dict = {}  # id -> sha256 of rows added by this writer (flushed or not)
         self._buffer: list = []
