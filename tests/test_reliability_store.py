@@ -200,3 +200,60 @@ def test_a_damaged_row_whose_input_is_gone_becomes_a_listed_failure(tmp_path):
     assert store.ids() == ["img01.png", "img02.png"]
     (f,) = store.failures()
     assert f["id"] == "img00.png" and "row 0 is damaged" in f["reason"]
+
+
+# ---- through the commands -------------------------------------------------------------------------
+
+def _png(path_bytes: bytes, colour) -> None:
+    import io
+    import os
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    fd = os.open(path_bytes, os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, buf.getvalue())
+    os.close(fd)
+
+
+def test_encode_of_a_folder_with_a_non_utf8_file_name_keeps_every_row(tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from viqctl.__main__ import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _png(os.fsencode(folder) + b"/\xff\xfe.png", (255, 0, 0))
+    _png(os.fsencode(folder) + b"/plain.png", (0, 255, 0))
+    r = CliRunner().invoke(app, ["encode", str(folder), "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    store = CodeStore(tmp_path / "s")
+    assert store.ids() == ["\\xff\\xfe.png", "plain.png"] and not store.failures()
+    r = CliRunner().invoke(app, ["encode", str(folder), "--out", str(tmp_path / "s"), "--device", "cpu",
+                                 "--json"])
+    assert r.exit_code == 0 and '"encoded": 0' in r.output  # the rerun finds both done
+
+
+def test_embed_of_a_store_with_a_flipped_byte_fails_naming_the_shard(tmp_path):
+    from typer.testing import CliRunner
+
+    from viq.encode import model_info
+    from viq.tokenizer import load_tokenizer
+    from viqctl.__main__ import app
+
+    tok = load_tokenizer(None, parts=("decoder",), device="cpu")
+    root = tmp_path / "s"
+    rng = np.random.default_rng(0)
+    with CodeStoreWriter(root, model_info(tok, tok.report.fingerprints), PRE) as wr:
+        for i in range(3):
+            wr.add(f"i{i}.png", f"/in/i{i}.png", f"sha{i}", 32, 32, rng.integers(0, tok.codebook_size, (2, 2, 4)))
+    finalize_store(root)
+    shard = only_shard(root)
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0x10  # inside the data pages
+    shard.write_bytes(bytes(raw))
+    r = CliRunner().invoke(app, ["embed", str(root), "--out", str(tmp_path / "f.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 2 and shard.name in r.output, r.output
