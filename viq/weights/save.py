@@ -13,6 +13,7 @@ from viq.config import ViQConfig
 from viq.model.viq_model import ALL_PARTS, part_of
 from viq.weights import keymaps
 from viq.weights.integrity import publish_folder
+from viq.weights.card import write_card
 from viq.weights.io import sha256_file, tensors_fingerprint, write_json, write_safetensors
 
 
@@ -60,6 +61,7 @@ def write_viq_files(state: dict[str, torch.Tensor], cfg: ViQConfig, out_dir, sou
     meta = {"format": "viq-weights", "version": 1, "model": cfg.model_dump(mode="json"), "parts": parts,
             "source": source_info or {}, "versions": versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    write_card(meta, out)  # README.md: the model card (config, source digest, levels, how to load)
     write_json(meta, out / "config.json")
     return meta
 
