@@ -155,3 +155,45 @@ def test_shard_jobs_into_one_store_cover_everything_once(tok, tmp_path):
         assert s.total == len(shard_for_rank(sources, i, n))
         total += s.encoded
     assert total == 7 and CodeStore(store).ids() == [f"{k:03d}" for k in range(7)]
+
+
+def test_shard_jobs_into_separate_stores_read_as_one(tok, tmp_path):
+    from viq.store_set import CodeStores
+
+    tok, _ = tok
+    shard = write_shard(tmp_path / "s.tar", sample_members([f"{k:03d}" for k in range(5)]))
+    sources = collect_sources([str(shard)])
+    for i in range(2):
+        encode_to_store(sources, tok, tmp_path / f"store{i}", {}, EncodeOptions(workers=1), rank=i, world_size=2,
+                        finalize=False)
+    both = CodeStores([tmp_path / "store0", tmp_path / "store1"])
+    assert both.ids() == [f"{k:03d}" for k in range(5)] and "002" in both and len(both) == 5
+    one = encode_to_store(sources, tok, tmp_path / "one", {}, EncodeOptions(workers=1))
+    assert one.encoded == 5
+    ref = CodeStore(tmp_path / "one")
+    assert all(np.array_equal(both.get(i).codes, ref.get(i).codes) for i in ref.ids())
+
+
+def test_cli_shard_jobs_and_a_kill(tok, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, model = tok
+    shard = write_shard(tmp_path / "s.tar", sample_members([f"{k:03d}" for k in range(24)]))
+    base = [sys.executable, "-m", "viqctl", "encode", str(shard), "--model", str(model), "--out", str(tmp_path / "st"),
+            "--rows-per-shard", "1", "--token-budget", "8", "--workers", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(base + ["--shard", "0/2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "st").glob("shard-*.parquet"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for spec in ["0/2", "1/2"]:  # job 0 resumes after its kill; job 1 runs into the same store
+        p = subprocess.run(base + ["--shard", spec, "--json"], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert "store not finalized" in p.stderr
+    assert CodeStore(tmp_path / "st").ids() == [f"{k:03d}" for k in range(24)]
