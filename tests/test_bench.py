@@ -154,3 +154,67 @@ def test_cli_table_and_usage_errors():
     p = subprocess.run([*VIQCTL, "bench", "--seq", "128", "--images-per-seq", "4", "--device", "cpu"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "do not fit" in p.stderr
+
+
+def test_cpu_defaults_use_one_thread_and_the_plan_says_what_runs():
+    from viq.bench import plan_bench
+
+    cfg = BenchConfig(device="cpu").resolved()
+    assert cfg.threads == 1 and cfg.repeats == 5 and cfg.warmup == 1  # what README and --help state
+    assert BenchConfig(device="cpu", threads=2).resolved().threads == 2
+    plan = plan_bench(BenchConfig(device="cpu", seq_lens=parse_seq("16k,16000")))
+    assert [s for _, s, _ in plan.configurations] == [16384, 16384, 16000, 16000]
+    assert plan.steps == 4 * 2 * (1 + 5) and plan.estimate_s > 0
+    small = plan_bench(BenchConfig(**{**TINY, "repeats": 5}))
+    assert 0 < small.estimate_s < plan.estimate_s
+
+
+def test_usage_errors_are_one_line_naming_the_option():
+    for args, words in ((["--repeats", "0"], "--repeats 0"), (["--llm", "huge"], "--llm huge"),
+                        (["--seq", "16m"], "16m")):
+        p = subprocess.run([*VIQCTL, "bench", *args], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and words in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and "pydantic" not in p.stderr and not p.stdout
+
+
+def test_an_interrupted_run_keeps_what_finished(tmp_path, monkeypatch):
+    import viq.bench.run as run_mod
+
+    real, calls = run_mod.time_pair, []
+
+    def stop_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(run_mod, "time_pair", stop_on_second)
+    seen = []
+    res = run_bench(BenchConfig(**{**TINY, "seq_lens": [256, 320]}, modes=["forward"]), on_run=seen.append)
+    assert res.interrupted and [r["seq_len"] for r in res.runs] == [256] and seen == res.runs
+    assert res.to_dict()["interrupted"] is True
+
+
+def test_cli_ctrl_c_prints_the_finished_configurations(tmp_path):
+    """SIGINT after the first configuration's line: exit 130, that configuration in the JSON."""
+    import signal
+    import time
+
+    args = ["bench", "--seq", "256,256,256,256,256,256", "--llm", "tiny", "--encoder", "tiny", "--image-size",
+            "64", "--repeats", "3", "--warmup", "0", "--device", "cpu", "--mode", "forward", "--json"]
+    p = subprocess.Popen([*VIQCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.time() + 240
+    for line in p.stderr:  # a line per finished configuration, since stderr is a pipe
+        lines.append(line)
+        if line.startswith("[1/6]") or time.time() > deadline:
+            break
+    p.send_signal(signal.SIGINT)
+    stdout, rest = p.communicate(timeout=120)
+    text = "".join(lines) + rest
+    assert p.returncode == 130, text
+    assert lines[0].startswith("bench on cpu") and "1 CPU thread" in lines[0]
+    assert lines[1].startswith("plan: 6 configuration(s)") and "rough estimate" in lines[1]
+    data = json.loads(stdout)
+    assert data["interrupted"] is True and 1 <= len(data["runs"]) < 6
+    assert "interrupted" in rest and "finished" in rest

@@ -17,12 +17,12 @@ spread over repeats, the peak memory and tokens/s are reported. LLMs are built f
 Qwen2.5 configurations with random weights (no downloads): timing does not depend on the values.
 """
 
-from viq.bench.config import (LLM_NAMES, QWEN25, SCHEMA, BenchConfig, encoder_config, parse_seq, parse_size,
-                              qwen2_config)
+from viq.bench.config import (LLM_NAMES, QWEN25, SCHEMA, BenchConfig, bench_config, encoder_config, parse_seq,
+                              parse_size, qwen2_config)
 from viq.bench.plot import plot_result
-from viq.bench.run import BenchResult, ProgressFn, run_bench
+from viq.bench.run import BenchPlan, BenchResult, ProgressFn, plan_bench, run_bench
 from viq.bench.workload import SeqLayout, bench_tokenizer, build_batches, plan_layout, template_overhead
 
-__all__ = ["LLM_NAMES", "QWEN25", "SCHEMA", "BenchConfig", "BenchResult", "ProgressFn", "SeqLayout",
-           "bench_tokenizer", "build_batches", "encoder_config", "parse_seq", "parse_size", "plan_layout",
+__all__ = ["LLM_NAMES", "QWEN25", "SCHEMA", "BenchConfig", "BenchPlan", "BenchResult", "ProgressFn", "SeqLayout",
+           "bench_config", "bench_tokenizer", "plan_bench", "build_batches", "encoder_config", "parse_seq", "parse_size", "plan_layout",
            "plot_result", "qwen2_config", "run_bench", "template_overhead"]

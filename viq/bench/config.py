@@ -84,7 +84,7 @@ class BenchConfig(BaseModel):
     GPU defaults mirror the paper's figure: Qwen2.5 0.5B/1.5B/3B/7B, 4K/8K/16K packed sequences,
     SigLIP2-g, images of 896x896 (the reference recipe's default resize area: 56x56 patches, 814
     LLM tokens after 2x2 pooling). CPU defaults are a scaled-down copy (tiny LLM and encoder,
-    1K/2K/4K sequences, 448x448 images) that finishes in under a minute on 2 cores.
+    1K/2K/4K sequences, 448x448 images, one thread) that finishes in about a minute on 2 cores.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,7 +113,8 @@ class BenchConfig(BaseModel):
     attn: Literal["auto", "flash_attention_2", "varlen_sdpa", "sdpa", "eager"] = "auto"
     lr: float = 1e-5
     seed: int = 0
-    #: CPU threads for the run (None: torch's default). On a shared or busy CPU, 1 gives steadier numbers.
+    #: CPU threads for the run (None: 1 on CPU, where the scaled-down steps are fastest and steadiest on one
+    #: thread; torch's default on a GPU machine).
     threads: Optional[int] = Field(None, ge=1)
     #: where the conversation file and code store are written (default: a temp folder, removed after)
     workdir: Optional[str] = None
@@ -159,11 +160,35 @@ class BenchConfig(BaseModel):
                         llms=["0.5b", "1.5b", "3b", "7b"] if gpu else ["tiny"],
                         encoder="giant" if gpu else "tiny",
                         image_size=(896, 896) if gpu else (448, 448),
-                        warmup=2 if gpu else 1, repeats=5)
+                        warmup=2 if gpu else 1, repeats=5,
+                        threads=None if gpu else 1)  # 1: small CPU steps lose time to threads, and vary less
         for k, v in defaults.items():
             if getattr(self, k) is None:
                 upd[k] = v
         return self.model_copy(update=upd)
+
+
+#: BenchConfig field -> the viqctl bench option that sets it, for one-line errors
+OPTION_OF = {"seq_lens": "--seq", "llms": "--llm", "encoder": "--encoder", "images_per_seq": "--images-per-seq",
+             "image_size": "--image-size", "rows": "--rows", "modes": "--mode", "warmup": "--warmup",
+             "repeats": "--repeats", "llm_train": "--llm-train", "attn": "--attn", "threads": "--threads"}
+
+
+def bench_config(**fields) -> BenchConfig:
+    """A BenchConfig, or one ConfigError line per bad field, named by its viqctl option."""
+    from pydantic import ValidationError
+
+    try:
+        return BenchConfig(**fields)
+    except ValidationError as exc:
+        lines = []
+        for e in exc.errors():
+            name = str(e["loc"][0]) if e.get("loc") else "?"
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            value = fields.get(name)
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            lines.append(f"{OPTION_OF.get(name, name)} {shown}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
 
 
 def flash_version() -> Optional[str]:

@@ -19,6 +19,49 @@ from viq.bench.workload import (SeqLayout, bench_tokenizer, build_batches, build
 
 
 ProgressFn = Callable[[str, int, int], None]  # (what is running, steps done, steps total)
+RunFn = Callable[[dict], None]  # one finished configuration's record, as it lands in ``runs``
+
+
+@dataclass
+class BenchPlan:
+    """What a resolved config will run, said before it starts."""
+
+    config: BenchConfig  # resolved
+    layouts: list[SeqLayout]
+    configurations: list[tuple[str, int, str]]  # (llm, seq_len, mode), in run order
+    steps: int  # timed + warm-up steps, both setups
+    estimate_s: float  # rough wall time (a speed probe times FLOPs per step)
+
+
+def plan_bench(cfg: BenchConfig, probe: bool = True) -> BenchPlan:
+    """Resolve ``cfg`` and lay out its run: configurations, steps and a rough wall time."""
+    from viq.bench.estimate import estimate_seconds, probe_flops_per_s
+    from viq.mllm.model import Projector
+    from viq.tokenizer import resolve_dtype
+
+    cfg = cfg.resolved()
+    counter = Projector(8, 8)
+    overhead = template_overhead(bench_tokenizer())
+    layouts = [plan_layout(s, cfg.image_size, counter.num_tokens, overhead, cfg.images_per_seq) for s in cfg.seq_lens]
+    confs = [(name, lay.seq_len, mode) for name in cfg.llms for lay in layouts for mode in cfg.modes]
+    steps = len(confs) * 2 * (cfg.warmup + cfg.repeats)
+    estimate = 0.0
+    if probe:
+        with _threads(cfg.threads):
+            speed = probe_flops_per_s(cfg.device, resolve_dtype(cfg.dtype, cfg.device))
+        estimate = estimate_seconds(cfg, layouts, speed)
+    return BenchPlan(cfg, layouts, confs, steps, estimate)
+
+
+@contextmanager
+def _threads(n: Optional[int]):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -27,39 +70,50 @@ class BenchResult:
     config: dict
     runs: list[dict] = field(default_factory=list)
     extraction: Optional[dict] = None
+    #: stopped by Ctrl-C: ``runs`` holds the configurations that finished before it
+    interrupted: bool = False
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "machine": self.machine, "config": self.config, "runs": self.runs,
-                "extraction": self.extraction}
+                "extraction": self.extraction, "interrupted": self.interrupted}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def run_bench(cfg: BenchConfig, progress: Optional[ProgressFn] = None) -> BenchResult:
+def run_bench(cfg: BenchConfig, progress: Optional[ProgressFn] = None, on_run: Optional[RunFn] = None) -> BenchResult:
     """Measure online vs offline MLLM training for every (LLM, sequence length, mode) of ``cfg``.
 
-    ``progress(label, done, total)`` is called as steps complete. A configuration that runs out of
-    device memory is recorded with ``status: "oom"`` and the others still run.
+    ``progress(label, done, total)`` is called as steps complete, ``on_run(record)`` as each
+    configuration finishes. A configuration that runs out of device memory is recorded with
+    ``status: "oom"`` and the others still run. Ctrl-C (KeyboardInterrupt) stops the run and returns
+    what finished, with ``interrupted`` set, so a long run is never lost whole.
     """
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg = cfg.resolved()
+    with _threads(cfg.threads):
+        return _run_bench(cfg, progress, on_run or (lambda record: None))
+
+
+def _run_bench(cfg: BenchConfig, progress: Optional[ProgressFn], on_run: RunFn) -> BenchResult:
+    from viq.tokenizer import resolve_dtype
+
+    device, dtype = cfg.device, resolve_dtype(cfg.dtype, cfg.device)
+    result = BenchResult(machine_info(device, cfg.dtype, cfg.attn), cfg.model_dump(mode="json"))
     try:
-        return _run_bench(cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
+        _measure(cfg, progress, on_run, result)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    free_memory(device)
+    return result
 
 
-def _run_bench(cfg: BenchConfig, progress: Optional[ProgressFn]) -> BenchResult:
+def _measure(cfg: BenchConfig, progress: Optional[ProgressFn], on_run: RunFn, result: BenchResult) -> None:
     from viq.mllm.model import Projector
     from viq.mllm.offline import OfflineImageEncoder, OnlineImageEncoder, PackedMLLM, collate_packed
     from viq.model.viq_model import ViQModel
     from viq.tokenizer import resolve_dtype
 
-    cfg = cfg.resolved()
     device, dtype = cfg.device, resolve_dtype(cfg.dtype, cfg.device)
-    result = BenchResult(machine_info(device, cfg.dtype, cfg.attn), cfg.model_dump(mode="json"))
     vcfg = encoder_config(cfg.encoder)
     width = vcfg.vit.width
     counter = Projector(8, 8)  # only for token counts: they depend on the grid alone
@@ -125,6 +179,7 @@ def _run_bench(cfg: BenchConfig, progress: Optional[ProgressFn]) -> BenchResult:
                 for lay in layouts:
                     for mode in cfg.modes:
                         result.runs.append(_failed(cfg, name, lay, mode, "oom", exc))
+                        on_run(result.runs[-1])
                         done[0] += steps_per_mode
                 continue
             hidden = llm.get_input_embeddings().embedding_dim
@@ -162,14 +217,14 @@ def _run_bench(cfg: BenchConfig, progress: Optional[ProgressFn]) -> BenchResult:
                         outs.clear()
                         free_memory(device)
                         result.runs.append(failed)
+                        on_run(failed)
                         done[0] = min(total, done[0] + steps_per_mode)
                         continue
                     result.runs.append(_run_record(cfg, name, lay, mode, rows, t, outs, sizes, report,
                                                    result.extraction))
+                    on_run(result.runs[-1])
                     outs.clear()
             del online_model, offline_model, opt, params, projector, llm
-    free_memory(device)
-    return result
 
 
 @contextmanager
