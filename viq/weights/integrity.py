@@ -103,8 +103,8 @@ def publish_folder(out: Path) -> Iterator[Path]:
         entries = list(out.iterdir())
         if entries and not (out / "config.json").is_file():
             raise ConfigError(f"--out {out} is not empty and not a viq weights folder; use a new or empty folder")
-    for stale in parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*parent.glob(f".{out.name}.tmp-*"), *parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed publish
     tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
