@@ -34,7 +34,6 @@ with each undecodable byte written ``\\xNN``.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ import pyarrow.parquet as pq
 
 from viq import __version__
 from viq.errors import StoreError
+from viq.store_checks import COLUMNS, DIGEST, RowGroup, clean_text, codes_out_of_range, row_digest, row_problem
 
 FORMAT = "viq-code-store v1"
 MANIFEST = "manifest.json"
@@ -62,8 +62,7 @@ IDENTITY_KEYS = ("fingerprint", "levels", "codebook_size")
 
 _SHARD_RE = re.compile(r"^shard-r(\d{5,})-(\d{6,})\.parquet$")
 _PART_RE = re.compile(r"^failures-r(\d{5,})\.jsonl$")
-_COLUMNS = ("id", "source", "sha256", "preprocess", "width", "height", "h", "w", "codes")
-_DIGEST = "digest"  # absent from shards written before it existed: those rows are not digest-checked
+_COLUMNS = COLUMNS
 _MERGED_KEY = -1  # merged failures are older than anything written after the last finalize
 log = logging.getLogger(__name__)
 
@@ -81,36 +80,8 @@ def shard_schema(codebook_size: int) -> pa.Schema:
     return pa.schema([
         ("id", pa.string()), ("source", pa.string()), ("sha256", pa.string()), ("preprocess", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("h", pa.int32()), ("w", pa.int32()),
-        ("codes", pa.list_(value)), (_DIGEST, pa.string()),
+        ("codes", pa.list_(value)), (DIGEST, pa.string()),
     ])
-
-
-def clean_text(text: str) -> str:
-    """A name as the store keeps it: valid UTF-8 unchanged; each byte that is not written ``\\xNN``.
-
-    File names on Linux are bytes; Python hands undecodable ones over as lone surrogates, which
-    Parquet (UTF-8 only) cannot store.
-    """
-    text = str(text)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        try:
-            raw = text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raw = text.encode("utf-8", "surrogatepass")
-        return raw.decode("utf-8", "backslashreplace")
-
-
-def row_digest(id: str, source: str, sha256: str, preprocess: str, width: int, height: int, h: int, w: int,
-               flat: np.ndarray) -> str:
-    """sha256 of every field of a row and its codes (little-endian, as stored)."""
-    head = json.dumps([id, source, sha256, preprocess, int(width), int(height), int(h), int(w)], ensure_ascii=True)
-    digest = hashlib.sha256(head.encode("ascii"))
-    flat = np.asarray(flat)
-    digest.update(np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -248,40 +219,6 @@ def _read_group(pf: pq.ParquetFile, path: Path, g: int, columns=None) -> pa.Tabl
                          "again to redo its images") from e
 
 
-def _row_problem(group: "_Group", i: int, codebook_size: int | None) -> str | None:
-    """Why row ``i`` of a decoded group cannot be trusted, or None."""
-    c = group.cols
-    h, w, width, height = c["h"][i], c["w"][i], c["width"][i], c["height"][i]
-    if None in (h, w, width, height, c["id"][i]) or min(h, w, width, height) < 1:
-        return f"impossible grid or size (h={h}, w={w}, width={width}, height={height})"
-    flat = group.values[group.offsets[i]:group.offsets[i + 1]]
-    if flat.size != 4 * h * w:
-        return f"{flat.size} codes for a {h}x{w} grid"
-    if codebook_size is not None and flat.size and (int(flat.min()) < 0 or int(flat.max()) >= codebook_size):
-        return f"codes outside [0, {codebook_size}) (min {int(flat.min())}, max {int(flat.max())})"
-    if _DIGEST in c:
-        want = c[_DIGEST][i]
-        have = row_digest(c["id"][i], c["source"][i], c["sha256"][i], c["preprocess"][i], width, height, h, w, flat)
-        if want != have:
-            return "digest mismatch: the row was changed or damaged"
-    return None
-
-
-def _codes_out_of_range(pf: pq.ParquetFile, g: int, codebook_size: int | None) -> bool:
-    """From the row group's statistics alone (no data read): may it hold a code out of range?"""
-    if codebook_size is None:
-        return False
-    rg = pf.metadata.row_group(g)
-    for j in range(rg.num_columns):
-        col = rg.column(j)
-        if col.path_in_schema.startswith("codes."):
-            st = col.statistics
-            if st is None or not st.has_min_max:
-                return True  # unknown: read it
-            return int(st.min) < 0 or int(st.max) >= codebook_size
-    return True
-
-
 def _scan(root: Path, codebook_size: int | None = None, verify: bool = False) -> _Scan:
     """Resolve every row and failure by "newest wins", setting damaged rows aside.
 
@@ -297,13 +234,13 @@ def _scan(root: Path, codebook_size: int | None = None, verify: bool = False) ->
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
         shards.append(_Shard(path, rank, index, starts))
         names = pf.schema_arrow.names
-        cols = ["id", "sha256", "source"] + ([_DIGEST] if _DIGEST in names else [])
+        cols = ["id", "sha256", "source"] + ([DIGEST] if DIGEST in names else [])
         ids, shas, srcs = [], [], []
         for g in range(pf.metadata.num_row_groups):
-            if verify or _codes_out_of_range(pf, g, codebook_size):
-                group = _Group(_read_group(pf, path, g))
+            if verify or codes_out_of_range(pf, g, codebook_size):
+                group = RowGroup(_read_group(pf, path, g))
                 for i in range(len(group.cols["id"])):
-                    problem = _row_problem(group, i, codebook_size)
+                    problem = row_problem(group, i, codebook_size)
                     if problem:
                         bad[(pos, starts[g] + i)] = problem
                 table_cols = group.cols
@@ -324,8 +261,8 @@ def _scan(root: Path, codebook_size: int | None = None, verify: bool = False) ->
         if (pos, row) not in bad and not verify:  # readers check the rows whose choice matters
             shard = shards[pos]
             g = bisect.bisect_right(shard.group_starts, row) - 1
-            group = _Group(_read_group(_open_shard(shard.path), shard.path, g))
-            bad[(pos, row)] = _row_problem(group, row - shard.group_starts[g], codebook_size)
+            group = RowGroup(_read_group(_open_shard(shard.path), shard.path, g))
+            bad[(pos, row)] = row_problem(group, row - shard.group_starts[g], codebook_size)
         return bad.get((pos, row))
 
     rows, corrupt = {}, {}
@@ -595,17 +532,6 @@ def finalize_store(root) -> dict:
 # reading
 
 
-class _Group:
-    """One decoded row group: columns as Python lists, codes as flat values + offsets."""
-
-    def __init__(self, table: pa.Table):
-        names = table.column_names
-        self.cols = {c: table.column(c).to_pylist() for c in _COLUMNS[:-1] + (_DIGEST,) if c in names}
-        codes = table.column("codes").combine_chunks()
-        self.offsets = codes.offsets.to_numpy()
-        self.values = codes.values.to_numpy(zero_copy_only=False)
-
-
 class CodeStore:
     """Read-only view of a store: ``len``, ``in``, ``get(id)``, iteration sorted by id.
 
@@ -683,7 +609,7 @@ class CodeStore:
         g = bisect.bisect_right(shard.group_starts, row) - 1
         group, i = self._group(pos, g), row - shard.group_starts[g]
         c = group.cols
-        problem = _row_problem(group, i, self.codebook_size)
+        problem = row_problem(group, i, self.codebook_size)
         if problem is None and c["id"][i] != id:
             problem = f"holds id {c['id'][i]!r}, not {id!r}"
         if problem:
@@ -705,7 +631,7 @@ class CodeStore:
         """Failure records ``{"source", "id", "reason"}`` sorted by id (newest per id)."""
         return [self._index.failures[k][1] for k in sorted(self._index.failures)]
 
-    def _group(self, pos: int, g: int) -> _Group:
+    def _group(self, pos: int, g: int) -> RowGroup:
         if os.getpid() != self._pid:  # forked worker: don't share file handles with the parent
             self._reset_caches()
         key = (pos, g)
@@ -718,7 +644,7 @@ class CodeStore:
             pf = self._files[pos] = _open_shard(path)
             if len(self._files) > self.cache_groups:
                 self._files.popitem(last=False)
-        group = _Group(_read_group(pf, path, g))
+        group = RowGroup(_read_group(pf, path, g))
         self._groups[key] = group
         if len(self._groups) > self.cache_groups:
             self._groups.popitem(last=False)
