@@ -138,3 +138,21 @@ def test_encode_parquet_resume_and_read_the_store_as_a_dataset(tok, tmp_path):
         rec = a.get(r["id"])
         assert (r["h"], r["w"]) == (rec.h, rec.w) and len(r["codes"]) == rec.h * rec.w * 4
         assert np.array_equal(np.asarray(r["codes"]).reshape(rec.h, rec.w, 4), rec.codes)
+
+
+def test_a_share_is_read_in_file_order_one_row_group_at_a_time(tmp_path, monkeypatch):
+    import viq.sources.tables as tables
+    from viq.sources import shard_for_rank
+
+    t = pa.table({"uid": [f"z{9 - i}" for i in range(9)], "jpg": [image_bytes(i) for i in range(9)]})
+    pq.write_table(t, tmp_path / "d.parquet", row_group_size=3)  # ids run against the row order
+    sources = collect_sources([str(tmp_path / "d.parquet")], options=InputOptions(id_column="uid"))
+    assert [s.id for s in sources] == sorted(s.id for s in sources)
+    share = shard_for_rank(sources, 0, 1)
+    assert [s.at for s in share] == [(g, r) for g in range(3) for r in range(3)]
+    calls = []
+    real = tables.read_batch
+    monkeypatch.setattr(tables, "read_batch", lambda *a: calls.append(a[3]) or real(*a))
+    reader = SourceReader(cache_batches=1)
+    assert [reader.read(s) for s in share] == [image_bytes(i) for i in range(9)]
+    assert calls == [0, 1, 2]

@@ -145,11 +145,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_for_rank(sources: list[Source], rank: int, world_size: int) -> list[Source]:
-    """Rank ``rank``'s share: every ``world_size``-th source of the id-sorted list, from ``rank``.
+    """Rank ``rank``'s share: every ``world_size``-th source of the id-sorted list, from ``rank``,
+    returned in reading order (by file, then position in it), so tar shards and Parquet row groups
+    are read front to back whatever the ids are.
 
     ``--shard I/N`` under W processes is global rank ``I * W + r`` of ``N * W``: together the jobs
     cover every source exactly once, and each rank's share never depends on the others.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return sorted(sources, key=lambda s: (s.id, s.name))[rank::world_size]
+    share = sorted(sources, key=lambda s: (s.id, s.name))[rank::world_size]
+    return sorted(share, key=lambda s: (str(s.path), s.at, s.member, s.id))
