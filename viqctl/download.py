@@ -86,16 +86,18 @@ def download(
 def _list(rows, json_: bool) -> None:
     if json_:
         return print_json([r.__dict__ for r in rows])
-    table = Table(title="models")
+    from rich import box
+
+    # fits 80 columns with every name and repo id whole; the file patterns are in --json and NAME --dry-run
+    table = Table(title="models", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption="files each name fetches: viqctl download NAME --dry-run (or --list --json)")
     table.add_column("name", no_wrap=True)
-    table.add_column("kind")
-    for col in ("repo", "patterns"):
-        table.add_column(col, overflow="fold")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("repo", overflow="fold")
     table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("here")
+    table.add_column("here", no_wrap=True)
     for r in rows:
-        table.add_row(r.name, r.kind, r.repo_id, " ".join(r.allow_patterns or ["*"]), _human(r.size_bytes),
-                      "[green]yes[/]" if r.present else "no")
+        table.add_row(r.name, r.kind, r.repo_id, _human(r.size_bytes), "[green]yes[/]" if r.present else "no")
     out.print(table)
 
 
