@@ -7,6 +7,10 @@ import sys
 
 import typer
 
+from viqctl import helpstyle
+
+helpstyle.apply()  # --json, PATH, INPUTS...: the conventional help look on every Typer release
+
 app = typer.Typer(
     name="viqctl",
     help="ViQ discrete visual tokenizer: encode images to codes, embed, reconstruct, convert, verify, train.",
