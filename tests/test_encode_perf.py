@@ -11,9 +11,9 @@ from viq.packing import token_budget_for_memory
 def test_token_budget_grows_with_memory_and_stays_a_power_of_two():
     small = token_budget_for_memory(1 << 28, 1536, 6144)
     large = token_budget_for_memory(80 << 30, 1536, 6144)
-    assert small == 4096 and large > small and large & (large - 1) == 0 and large <= 131072
-    # the estimate holds: half of 80 GiB covers the per-token peak of the budget it picks
-    assert large * (7 * 1536 + 2 * 6144) * 2 <= 40 << 30
+    assert small == 1024 and large > small and large & (large - 1) == 0 and large <= 131072
+    # the estimate holds: half of 80 GiB covers the per-token peak (the head's 4 slots) of the budget it picks
+    assert large * 4 * 13 * 1536 * 2 <= 40 << 30
 
 
 def test_flop_count_includes_attention_and_grows_quadratically_with_one_image():

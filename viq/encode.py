@@ -28,8 +28,8 @@ from viq.tokenizer import ViQTokenizer
 @dataclass
 class EncodeOptions:
     policy: str = "native"
-    #: patch tokens per packed batch; None: sized for the free accelerator memory (16384 on CPU)
-    token_budget: int | None = 16384
+    #: patch tokens per packed batch; None: sized for the free GPU memory, or CPU_TOKEN_BUDGET on CPU
+    token_budget: int | None = None
     rows_per_shard: int = 256
     max_input_pixels: int | None = 178_956_970
     workers: int = 4
@@ -75,12 +75,17 @@ def model_info(tok: ViQTokenizer, fingerprints: dict[str, str]) -> dict:
             "config": tok.config.model_dump(mode="json")}
 
 
+#: On CPU, GEMMs of 1024 rows already run at the machine's matmul rate (benchmarks/encode.py), while
+#: activations grow with the batch: the head's FSQ blocks hold ~52 x width floats per patch.
+CPU_TOKEN_BUDGET = 1024
+
+
 def resolve_token_budget(options: EncodeOptions, tok: ViQTokenizer) -> int:
     """The options' budget, or one sized for the free memory of the tokenizer's CUDA device."""
     if options.token_budget is not None:
         return options.token_budget
     if tok.device.type != "cuda":
-        return 16384
+        return CPU_TOKEN_BUDGET
     import torch
 
     from viq.packing import token_budget_for_memory

@@ -19,16 +19,16 @@ def tokens_of(width: int, height: int, patch: int = 16) -> int:
     return h * w
 
 
-def token_budget_for_memory(free_bytes: int, width: int, mlp_hidden: int, dtype_bytes: int = 2,
-                            low: int = 4096, high: int = 131072) -> int:
-    """Patch tokens per packed batch that fit ``free_bytes`` of accelerator memory during inference.
+def token_budget_for_memory(free_bytes: int, width: int, mlp_hidden: int, dtype_bytes: int = 2, slots: int = 4,
+                            low: int = 1024, high: int = 131072) -> int:
+    """Patch tokens per packed batch whose activations fit ``free_bytes`` during inference.
 
-    A block holds the residual stream, its normalised copy, q/k/v, the attention output and the
-    MLP's hidden layer twice (before and after GELU) at its peak: about (7 * width + 2 * mlp_hidden)
-    values per token. Half the free memory is used (allocator slack, the head's 4 slots per patch);
-    the result is a power of two in [low, high].
+    A ViT block peaks at about 7 * width + 2 * mlp_hidden values per token (residual, its norm, q/k/v,
+    attention output, the MLP's hidden layer before and after GELU); the head's FSQ blocks run each
+    patch as ``slots`` rows with a 4 * width MLP: about 13 * width values per row. Half the memory
+    is used (allocator slack); the result is a power of two in [low, high].
     """
-    per_token = (7 * width + 2 * mlp_hidden) * dtype_bytes
+    per_token = max(7 * width + 2 * mlp_hidden, slots * 13 * width) * dtype_bytes
     fit = max(1, free_bytes // 2 // per_token)
     budget = low
     while budget * 2 <= min(fit, high):

@@ -23,7 +23,9 @@ def encode(
     resize: str = typer.Option("native", "--resize",
                                help="native[:MAX_PIXELS] (keep aspect, shrink above 1024x1024 px, sides floored to "
                                     "multiples of 16), center-crop:T (the reference's), or none."),
-    token_budget: int = typer.Option(16384, "--token-budget", help="Patch tokens per packed batch."),
+    token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Patch tokens per packed batch "
+                                               "(default: 1024 on CPU, which bounds memory at full speed; sized "
+                                               "for the free GPU memory on CUDA)."),
     workers: int = typer.Option(4, "--workers", help="Threads decoding images ahead of the model."),
     rows_per_shard: int = typer.Option(256, "--rows-per-shard", help="Images per Parquet shard."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet/datasets inputs: the image column (default: found)."),

@@ -21,7 +21,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim_out or dim_in)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if h.requires_grad:  # training: autograd needs GELU's input
+            return self.fc2(self.act(h))
+        # inference: GELU in place (the same kernel, same values) keeps one hidden-size buffer, not two
+        return self.fc2(torch.ops.aten.gelu_(h))
 
 
 class Attention(nn.Module):
