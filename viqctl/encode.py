@@ -64,7 +64,7 @@ def encode(
         job, jobs = parse_shard(shard) if shard else (0, 1)  # job I of N = global rank I * world + rank
         sources = collect_sources(inputs, options=InputOptions(image_column, id_column, image_root))
         if rank == 0:
-            err.print(f"codes -> {out_dir} ({len(sources)} image(s); rerun the same command to resume)",
+            err.print(f"codes -> {Path(out_dir).resolve()} ({len(sources)} image(s); rerun the same command to resume)",
                       highlight=False, markup=False)
         src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
