@@ -51,6 +51,7 @@ class EncodeSummary:
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    resized: int = 0  # images the policy scaled (for native: larger than its pixel budget)
 
     @property
     def images_per_s(self) -> float:
@@ -160,6 +161,7 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
             w, h = info.size
             writer.add(src.id, src.name, digest, w, h, c.numpy().astype(np.int64))
             summary.tokens += c.shape[0] * c.shape[1]
+            summary.resized += info.size != info.original_size
         summary.encoded += len(batch)
         if progress:
             progress(len(batch))
@@ -205,6 +207,7 @@ def merge_summaries(parts: list[dict]) -> EncodeSummary:
         merged.failed += p["failed"]
         merged.failures.extend(p["failures"])
         merged.tokens += p["tokens"]
+        merged.resized += p.get("resized", 0)
         merged.seconds = max(merged.seconds, p["seconds"])
     merged.failures.sort(key=lambda f: f["id"])
     return merged
