@@ -86,6 +86,11 @@ def test_symlinked_folder_and_file_are_followed(tmp_path):
     (root / "linked").symlink_to(real, target_is_directory=True)
     (root / "y.png").symlink_to(real / "x.png")
     assert ids(collect_sources([str(root)])) == ["linked/x.png", "y.png"]
+    # a folder reachable by its real path and by a link keeps its real name, and is read once
+    (real / "z_sub").mkdir()
+    png(real / "z_sub" / "w.png")
+    (real / "a_link").symlink_to(real / "z_sub", target_is_directory=True)
+    assert ids(collect_sources([str(real)])) == ["x.png", "z_sub/w.png"]
 
 
 def test_size_cap(tmp_path):

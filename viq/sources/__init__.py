@@ -89,7 +89,7 @@ def _expand(text: str, recursive: bool, options: InputOptions) -> list[Source]:
         return _file(p, options)
     if has_magic(text):
         base, matched = glob_files(os.path.expanduser(text))
-        out = glob_images(text, matched, base)
+        out = glob_images(matched, base)
         tars = [m for m in matched if m.name.endswith(".tar")]
         out += tar_sources(tars) if tars else []
         tables = [(m.relative_to(base).with_suffix("").as_posix(), m) for m in matched if m.suffix == ".parquet"]

@@ -56,11 +56,14 @@ def _is_regular(path: str) -> bool:
 
 
 def walk_files(root: Path, recursive: bool = True):
-    """Yield (folder, file name) of every regular, non-hidden file below ``root``, in sorted order.
+    """Yield (folder, file name) of every regular, non-hidden file below ``root``.
 
-    Symlinked folders are followed, but a real folder (device, inode) is entered only once.
+    Symlinked folders are followed after every real folder has been walked, and a real folder
+    (device, inode) is entered only once: a file keeps the name of its real path, and a symlink
+    loop ends instead of repeating.
     """
     seen: set = set()
+    links: list = []
 
     def visit(folder: str):
         try:
@@ -82,10 +85,11 @@ def walk_files(root: Path, recursive: bool = True):
                 continue
             try:
                 is_dir = e.is_dir()  # follows symlinks
+                is_link = e.is_symlink()
             except OSError:
                 continue
             if is_dir:
-                subdirs.append(e.path)
+                (links if is_link else subdirs).append(e.path)
             elif _is_regular(e.path):
                 yield folder, e.name
         if recursive:
@@ -93,6 +97,8 @@ def walk_files(root: Path, recursive: bool = True):
                 yield from visit(d)
 
     yield from visit(str(root))
+    while recursive and links:
+        yield from visit(links.pop(0))
 
 
 def walk_images(root: Path, recursive: bool = True) -> list[Source]:
@@ -138,7 +144,7 @@ def has_magic(text: str) -> bool:
     return bool(_MAGIC & set(text))
 
 
-def glob_images(pattern: str, matched: list[Path], base: Path) -> list[Source]:
+def glob_images(matched: list[Path], base: Path) -> list[Source]:
     """Image files among a glob's matches; id = path relative to the pattern's fixed folders."""
     return [Source(p.relative_to(base).as_posix(), absolute(p)) for p in matched if is_image_name(p.name)]
 
