@@ -41,22 +41,44 @@ def resolve_weight(value: Optional[str], models_dir: Optional[str], want: str = 
 
 
 def resolve_recipe_weights(recipe):
-    """A copy of ``recipe`` with every weights field that names a download replaced by its path."""
+    """A copy of ``recipe`` with every weights field that names a download replaced by its path.
+
+    Downloads that are missing are reported all at once, with the one command that fetches them.
+    """
+    from viq.errors import HubError
+
     models = models_dir_of(recipe)
     updates: dict[str, dict] = {}
+    missing: list[tuple[str, str]] = []  # (field, name)
+
+    def resolve(field: str, value, want: str):
+        try:
+            return resolve_weight(value, models, want)
+        except HubError:
+            missing.append((field, value))
+            return value
+
     for section, key, want in FIELDS:
         sec = getattr(recipe, section)
         if sec is None or (section == "model" and recipe.model.init_stage):
             continue
         value = getattr(sec, key)
-        resolved = resolve_weight(value, models, want)
+        resolved = resolve(f"{section}.{key}", value, want)
         if resolved != value:
             updates.setdefault(section, {})[key] = resolved
     dec = recipe.decoder
     if dec.repa is not None and isinstance(dec.repa.encoder, str):
-        enc = resolve_weight(dec.repa.encoder, models, "dir")
+        enc = resolve("decoder.repa.encoder", dec.repa.encoder, "dir")
         if enc != dec.repa.encoder:
             updates["decoder_repa"] = {"encoder": enc}
+    if missing:
+        from viq import hub
+
+        names = list(dict.fromkeys(name for _, name in missing))
+        where = f" --dir {models}" if models else ""
+        raise HubError(f"this recipe needs {len(names)} download(s) not in {hub.default_models_dir(models)}: "
+                       + ", ".join(f"{name} ({field})" for field, name in missing)
+                       + f"; fetch them all with: viqctl download {' '.join(names)}{where}")
     if not updates:
         return recipe
     out = recipe.model_copy(deep=True)
