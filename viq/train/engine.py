@@ -220,7 +220,7 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> EngineResult:
-        acc, stage, o, rt = self.acc, self.stage, self.recipe.optim, self.recipe.runtime
+        acc, stage = self.acc, self.stage
         t_start = time.time()
         if self.want_resume:
             self._resume()
@@ -228,6 +228,20 @@ class Engine:
         if self.resumed is not None and self.resumed.state.get("sharded", self.resumed.state.get("deepspeed")):
             acc.load_state(str(self.resumed.path / "accelerate"))
         stage.on_device(acc)
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        if stage.has_eval:
+            self.evals["final"] = self.evaluate("final")
+        return EngineResult(self.step, self.total, self.history, self.evals, self.last_log, self.skips.listed,
+                            self.skips.count, self.last_ckpt, self.resumed.path if self.resumed else None,
+                            int(self.resumed.state["step"]) if self.resumed else None, time.time() - t_start,
+                            acc.num_processes)
+
+    def _loop(self) -> None:
+        """Evaluation before step 1, then the steps with their cadence (Ctrl-C anywhere in here is reported)."""
+        acc, stage, o, rt = self.acc, self.stage, self.recipe.optim, self.recipe.runtime
         self.emit("start", {"total_steps": self.total, "resumed_from": str(self.resumed.path) if self.resumed else None})
         if stage.has_eval and self.eval_at_start and stage.eval_at_start and self.step == 0 \
                 and "initial" not in self.evals:
@@ -239,68 +253,59 @@ class Engine:
         window: dict[str, list] = {}
         tokens, t_window = 0, time.time()
         self.model.train()
-        try:
-            while self.step < self.total:
-                terms: dict[str, float] = {}
-                counts: dict[str, int] = {}
-                samples: list[int] = []
-                grad_norm = None
-                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step runs with
-                for micro in range(accum):
-                    batch, pos = next(data)
-                    batch = stage.to_device(batch, acc.device)
-                    with acc.accumulate(self.model):
-                        if acc.sync_gradients != (micro == accum - 1):
-                            raise RuntimeError(f"step {self.step + 1}: accelerate's accumulation boundary is off "
-                                               f"(micro-batch {micro + 1} of {accum})")
-                        with acc.autocast():
-                            out = stage.loss(self.model, batch, self.step)
-                        acc.backward(out.loss)
-                        if acc.sync_gradients and o.grad_clip:
-                            for params in stage.clip_groups():
-                                norm = acc.clip_grad_norm_(params, o.grad_clip)
-                                if grad_norm is None and norm is not None:
-                                    grad_norm = float(norm)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    self.pos = pos
-                    value = float(out.loss.detach())
-                    terms["loss"] = terms.get("loss", 0.0) + value / accum
-                    for k, v in out.terms.items():
-                        terms[k] = terms.get(k, 0.0) + float(v) / accum
-                    for k, v in out.counts.items():
-                        counts[k] = counts.get(k, 0) + int(v)
-                    samples += out.samples
-                    tokens += out.counts.get("tokens", 0)
-                    stage.observe(out)
-                self.scheduler.step()
-                self.step += 1
-                record = {"step": self.step, "lr": lr, **terms, **counts}
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                if not math.isfinite(terms["loss"]):
-                    raise FloatingPointError(f"step {self.step}: the loss is {terms['loss']}; lower optim.lr or "
-                                             "check the data")
-                self.history.append(record)
-                for k, v in record.items():
-                    if k != "step":
-                        window.setdefault(k, []).append(v)
-                self.emit("step", record, samples)
-                if due(rt.log_every, self.step, self.total):
-                    self.last_log = self._log(window, tokens / max(time.time() - t_window, 1e-9))
-                    window, tokens, t_window = {}, 0, time.time()
-                if stage.has_eval and due(rt.eval_every, self.step, self.total, at_end=False):
-                    self.evals[f"step-{self.step}"] = self.evaluate(f"step {self.step}")
-                if due(rt.save_every, self.step, self.total):
-                    self.save()
-        except KeyboardInterrupt:
-            raise self._interrupted() from None
-        if stage.has_eval:
-            self.evals["final"] = self.evaluate("final")
-        return EngineResult(self.step, self.total, self.history, self.evals, self.last_log, self.skips.listed,
-                            self.skips.count, self.last_ckpt, self.resumed.path if self.resumed else None,
-                            int(self.resumed.state["step"]) if self.resumed else None, time.time() - t_start,
-                            acc.num_processes)
+        while self.step < self.total:
+            terms: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            samples: list[int] = []
+            grad_norm = None
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step runs with
+            for micro in range(accum):
+                batch, pos = next(data)
+                batch = stage.to_device(batch, acc.device)
+                with acc.accumulate(self.model):
+                    if acc.sync_gradients != (micro == accum - 1):
+                        raise RuntimeError(f"step {self.step + 1}: accelerate's accumulation boundary is off "
+                                           f"(micro-batch {micro + 1} of {accum})")
+                    with acc.autocast():
+                        out = stage.loss(self.model, batch, self.step)
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and o.grad_clip:
+                        for params in stage.clip_groups():
+                            norm = acc.clip_grad_norm_(params, o.grad_clip)
+                            if grad_norm is None and norm is not None:
+                                grad_norm = float(norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.pos = pos
+                value = float(out.loss.detach())
+                terms["loss"] = terms.get("loss", 0.0) + value / accum
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + float(v) / accum
+                for k, v in out.counts.items():
+                    counts[k] = counts.get(k, 0) + int(v)
+                samples += out.samples
+                tokens += out.counts.get("tokens", 0)
+                stage.observe(out)
+            self.scheduler.step()
+            self.step += 1
+            record = {"step": self.step, "lr": lr, **terms, **counts}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if not math.isfinite(terms["loss"]):
+                raise FloatingPointError(f"step {self.step}: the loss is {terms['loss']}; lower optim.lr or "
+                                         "check the data")
+            self.history.append(record)
+            for k, v in record.items():
+                if k != "step":
+                    window.setdefault(k, []).append(v)
+            self.emit("step", record, samples)
+            if due(rt.log_every, self.step, self.total):
+                self.last_log = self._log(window, tokens / max(time.time() - t_window, 1e-9))
+                window, tokens, t_window = {}, 0, time.time()
+            if stage.has_eval and due(rt.eval_every, self.step, self.total, at_end=False):
+                self.evals[f"step-{self.step}"] = self.evaluate(f"step {self.step}")
+            if due(rt.save_every, self.step, self.total):
+                self.save()
 
     def _interrupted(self) -> TrainingInterrupted:
         last = ckpt.latest_checkpoint(self.root)
