@@ -197,3 +197,45 @@ def test_cli_shard_jobs_and_a_kill(tok, tmp_path):
         assert p.returncode == 0, p.stderr
         assert "store not finalized" in p.stderr
     assert CodeStore(tmp_path / "st").ids() == [f"{k:03d}" for k in range(24)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_quick_header_reader_agrees_with_tarfile(tmp_path, fmt):
+    from viq.sources.webdataset import _quick_members, _tarfile_members
+
+    path = tmp_path / "s.tar"
+    long_dir = "d" * 60 + "/" + "e" * 60  # > 100 bytes: ustar prefix, GNU long name or PAX path
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for k, name in enumerate(["a.jpg", f"{long_dir}/0001.png", "./b.png", "folder/c.webp",
+                                  "x" * 120 + ".jpg" if fmt != tarfile.USTAR_FORMAT else "y.jpg",
+                                  "caf\u00e9.png" if fmt == tarfile.PAX_FORMAT else "cafe.png"]):
+            data = image_bytes(k)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("l.png")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "a.jpg"
+        tar.addfile(link)
+    assert list(_quick_members(path)) == list(_tarfile_members(path))
+    got = collect_sources([str(path)])
+    reader = SourceReader()
+    with tarfile.open(path) as tar:
+        for s in got:
+            assert reader.read(s) == tar.extractfile(tar.getmember(s.member if s.member in tar.getnames()
+                                                                   else "./" + s.member)).read()
+
+
+def test_a_damaged_header_is_a_usage_error(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", sample_members(["k1", "k2"]))
+    with tarfile.open(shard) as tar:
+        second = tar.getmembers()[1].offset  # where the second member's header starts
+    raw = bytearray(shard.read_bytes())
+    raw[second:second + 8] = b"garbage!"
+    damaged = tmp_path / "d.tar"
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match=f"damaged tar header at byte {second}"):
+        collect_sources([str(damaged)])
