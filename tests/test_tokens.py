@@ -132,3 +132,15 @@ def test_add_tokens_to_a_qwen2_tokenizer():
     enc = tok("hi" + text + " a").input_ids
     assert enc[0] == tok.convert_tokens_to_ids("hi") and enc[1:-1] == ids
     assert np.array_equal(tokens_to_codes(enc[1:-1], layout), codes)
+
+
+def test_token_shards_load_as_a_hugging_face_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="checks the shards with datasets.load_dataset")
+    grids = make_store(tmp_path / "store", n=5)
+    layout = TokenLayout(100, K)
+    write_token_shards(tmp_path / "store", tmp_path / "tok", layout, rows_per_shard=2)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "tok" / "tokens-*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds["id"]) == sorted(grids)
+    for row in ds:
+        assert np.array_equal(tokens_to_codes(row["tokens"], layout), grids[row["id"]])
