@@ -120,6 +120,8 @@ def embed(
     with cli_errors(debug):
         if Path(out_file).suffix == ".safetensors":
             check_out_file(out_file, ".safetensors")
+        else:  # a folder of shards: not an existing file
+            check_out_dir(out_file)
         store, path = _locate(store_dir, model, models_dir)
         tok = _load(path, device, dtype, ("decoder",))
         chosen = [i for i in ids.split(",") if i] if ids else None

@@ -156,12 +156,12 @@ def verify(
         arch = _config(config)
         model_dir = str(resolve_source(model_dir, models_dir_of(models_dir)))
         steps = f"files, then the full vs the split path on {len(named)} image(s), packed and one by one"
-        with _step(f"verify {model_dir}: {steps}", json_out):
+        with _step(f"verify {model_dir}: {steps}", False):
             result = verify_source(model_dir, named, device_of(device), dtype, arch)
         diffs = list(result.mismatches)
         other = None
         if against is not None:
-            with _step(f"verify {against}: the same, to compare fingerprints", json_out):
+            with _step(f"verify {against}: the same, to compare fingerprints", False):
                 other = verify_source(against, named, device_of(device), dtype, arch)
             diffs += [f"{against}: {m}" for m in other.mismatches]
             diffs += compare_fingerprints(result.fingerprints, other.fingerprints, str(model_dir), str(against))
