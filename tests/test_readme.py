@@ -37,3 +37,21 @@ def test_readme_main_command_encodes_and_reconstructs(tmp_path):
     for png in drawn:
         with Image.open(png) as im:
             assert im.mode == "RGB" and min(im.size) >= 16
+
+
+def test_readme_and_bench_help_state_the_same_cpu_run():
+    """Run time and repeats of the CPU default bench: --help, README and the defaults agree."""
+    import re
+    import sys
+
+    from viq.bench import BenchConfig
+
+    cfg = BenchConfig(device="cpu").resolved()
+    p = subprocess.run([sys.executable, "-m", "viqctl", "bench", "--help"], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "COLUMNS": "400"})
+    helptext = " ".join(p.stdout.split())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    steps = f"{cfg.warmup} warm-up + {cfg.repeats} timed steps"
+    assert steps in helptext and steps in readme
+    assert re.search(r"6 configurations.*about a minute", helptext) and "about a minute on an idle 2-core" in readme
+    assert f"Timed steps per setup (default {cfg.repeats})" in helptext
