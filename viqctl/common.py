@@ -11,11 +11,12 @@ import typer
 
 from viqctl.console import err
 
-ModelOpt = typer.Option(None, "--model", "-m",
-                        help="Weights: a viq directory, a reference converted_<size>/ directory, a name "
-                             "placed by `viqctl download` (e.g. viq-16k), or a Hub repo REPO_ID[:SUBFOLDER] "
-                             "found in the Hugging Face cache (e.g. XuminYu/ViQ_weights:converted_16k). "
-                             "Default: the bundled demo model.")
+_MODEL_HELP = ("Weights: a viq directory, a reference converted_<size>/ directory, a name placed by "
+               "`viqctl download` (e.g. viq-16k), a Hub repo REPO_ID[:SUBFOLDER] found in the Hugging Face "
+               "cache (e.g. XuminYu/ViQ_weights:converted_16k), or demo (the bundled demo model). ")
+ModelOpt = typer.Option(None, "--model", "-m", help=_MODEL_HELP + "Default: demo.", show_default=False)
+StoreModelOpt = typer.Option(None, "--model", "-m", show_default=False,
+                             help=_MODEL_HELP + "Default: the model recorded in the code store (demo for images).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
 DtypeOpt = typer.Option("auto", "--dtype", help="float32 or bfloat16 (auto: float32 on CPU, bfloat16 on CUDA).")
 ModelsDirOpt = typer.Option(None, "--models-dir", envvar="VIQ_MODELS_DIR",

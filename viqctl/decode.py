@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, check_out_dir,
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelsDirOpt, StoreModelOpt, check_out_dir,
                            check_out_file, choose_decoder, device_of, models_dir_of, say_model, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json
 
@@ -55,7 +55,7 @@ def reconstruct(
                                           "pixel: the lightweight pixel decoder trained by the decoder stage. "
                                           "Default: pixel for a model whose drawer learned a random VAE (the demo "
                                           "model), else vae; said on stderr.", show_default=False),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = StoreModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     models_dir: Optional[Path] = ModelsDirOpt,
@@ -99,7 +99,7 @@ def embed(
     out_file: Path = typer.Option(..., "--out", "-o", help="A folder of feature shards, or one FILE.safetensors "
                                   "(one (h*w, C) entry per id); rerun the same command to resume."),
     ids: Optional[str] = IdsOpt,
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = StoreModelOpt,
     feature_dtype: str = typer.Option("float32", "--feature-dtype", help="float32 or bfloat16 (half the bytes)."),
     shard_mb: int = typer.Option(512, "--shard-mb", help="Features per shard (MiB): bounds memory."),
     device: str = DeviceOpt,

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, choose_decoder,
+from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelsDirOpt, StoreModelOpt, choose_decoder,
                            device_of, models_dir_of, say_model, warn_if_random)
 from viqctl.console import cli_errors, err, out, print_json, progress_bar
 
@@ -16,7 +16,7 @@ from viqctl.console import cli_errors, err, out, print_json, progress_bar
 def evaluate(
     inputs: List[str] = typer.Argument(..., help="A code store, or images (files, folders, globs, lists).",
                                        show_default=False),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = StoreModelOpt,
     decoder: Optional[str] = typer.Option(None, "--decoder", help="vae (published drawer + Qwen-Image VAE) or "
                                           "pixel. Default: as `viqctl reconstruct` (pixel for the demo model).",
                                           show_default=False),
