@@ -453,9 +453,16 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropou
 def register_varlen_sdpa() -> str:
     """Make ``attn_implementation=VARLEN_SDPA`` known to transformers (idempotent); returns the name."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    # no mask: the segments keep samples apart (else transformers builds the L x L mask it never reads)
+    AttentionMaskInterface.register(VARLEN_SDPA, _no_mask)
     return VARLEN_SDPA
+
+
+def _no_mask(*args, **kwargs):
+    return None
 
 
 class PackedMLLM(nn.Module):
