@@ -176,6 +176,7 @@ def reseal(folder):
     meta = json.loads((folder / "config.json").read_text())
     for entry in meta["parts"].values():
         entry["sha256"] = sha256_file(folder / entry["file"])
+        entry["bytes"] = (folder / entry["file"]).stat().st_size
     (folder / "config.json").write_text(json.dumps(meta))
 
 

@@ -42,6 +42,7 @@ def reseal(folder: Path) -> None:
     meta = json.loads((folder / "config.json").read_text())
     for entry in meta["parts"].values():
         entry["sha256"] = sha256_file(folder / entry["file"])
+        entry["bytes"] = (folder / entry["file"]).stat().st_size
     (folder / "config.json").write_text(json.dumps(meta))
 
 
@@ -106,7 +107,9 @@ def test_verify_runs_the_pool_and_the_pixel_decoder(demo):
         reseal(other)
         from viq.weights.verify import compare_fingerprints
 
-        diffs = compare_fingerprints(result.fingerprints, verify_source(other, IMAGE, device="cpu").fingerprints)
+        checked = verify_source(other, IMAGE, device="cpu")
+        assert checked.ok, checked.mismatches
+        diffs = compare_fingerprints(result.fingerprints, checked.fingerprints)
         assert any(key in d and f"({part})" in d for d in diffs), diffs
 
 
@@ -206,3 +209,42 @@ def test_publish_refuses_a_folder_that_is_not_viq_weights(demo, tmp_path):
     with pytest.raises(ConfigError, match="not a viq weights folder"):
         convert(demo, mine)
     assert (mine / "thesis.tex").read_text() == "keep me"
+
+
+def test_a_low_bit_flipped_in_a_reference_pth_differs_from_the_original(tmp_path):
+    """The published .pth layout records no digests; --against compares the weights as loaded."""
+    from conftest import FIXTURES, fixture_config
+
+    if not FIXTURES.is_dir():
+        pytest.skip(f"parity fixtures not found at {FIXTURES}")
+    from viq.weights.verify import compare_weights, weights_digests
+
+    ref = tmp_path / "converted_16k"
+    shutil.copytree(FIXTURES / "converted_16k", ref)
+    (ref / "config.json").write_text(json.dumps({"model": fixture_config("16k").model_dump(mode="json")}))
+    parts = ("encoder", "decoder")
+    before = weights_digests(load_tokenizer(ref, parts=parts, device="cpu"))
+    enc = next(ref.glob("model_viq_fsq_*.pth"))
+    sd = torch.load(enc, weights_only=True)
+    name = next(k for k, v in sd.items() if k.startswith("blocks.") and v.is_floating_point() and v.dim() == 2)
+    flat = sd[name].view(-1)
+    bits = flat[:1].view(torch.int16) if flat.dtype in (torch.float16, torch.bfloat16) else flat[:1].view(torch.int32)
+    bits ^= 1  # the lowest mantissa bit of one weight
+    torch.save(sd, enc)
+    after = weights_digests(load_tokenizer(ref, parts=parts, device="cpu"))
+    diffs = compare_weights(before, after)
+    assert diffs and all("encoder part" in d for d in diffs)
+
+
+def test_a_part_that_is_a_fifo_or_names_another_folder_is_refused_without_reading(demo, tmp_path):
+    import os
+
+    (demo / "pool.safetensors").unlink()
+    os.mkfifo(demo / "pool.safetensors")  # reading it would block forever
+    with pytest.raises(IntegrityError, match="pool"):
+        load_tokenizer(demo, parts=("pool",), device="cpu")
+    meta = json.loads((demo / "config.json").read_text())
+    meta["parts"]["drawer"]["file"] = "../outside.safetensors"
+    (demo / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="not a file of the folder"):
+        load_tokenizer(demo, parts=("drawer",), device="cpu")

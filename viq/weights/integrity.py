@@ -27,14 +27,21 @@ from viq.weights.io import sha256_file
 
 def check_digest(folder: Path, part: str, entry: dict) -> None:
     """The part's file exists and its sha256 is the one config.json recorded."""
-    path = Path(folder) / str(entry.get("file", ""))
+    name = str(entry.get("file", ""))
+    path = Path(folder) / name
     want = entry.get("sha256")
     if not want:
         raise IntegrityError(f"{folder}/config.json records no sha256 for the '{part}' part; "
                              "re-export the folder with `viqctl convert`")
-    if not path.is_file():
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise IntegrityError(f"{folder}/config.json: the '{part}' part names {name!r}, not a file of the folder")
+    if not path.is_file():  # a FIFO or a device is not a file either: never read (it could block)
         raise IntegrityError(f"{path}: the '{part}' part is missing (config.json lists it); the folder is "
                              "incomplete: convert or download it again")
+    size = path.stat().st_size
+    if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
+        raise IntegrityError(f"{path}: the '{part}' part has {size:,} bytes, config.json recorded "
+                             f"{entry['bytes']:,}: it was changed or half-written; convert or download it again")
     have = sha256_file(path)
     if have != want:
         raise IntegrityError(f"{path}: the '{part}' part was changed or half-written (sha256 {have[:12]}... "

@@ -65,6 +65,8 @@ class VerifyResult:
     fingerprints: list[dict]
     mismatches: list[str] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
+    #: part -> sha256 of its tensors as loaded (names, shapes, bytes in the compute dtype)
+    weights: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -153,11 +155,36 @@ def verify_model(tok: ViQTokenizer, named_pixels: list[tuple[str, torch.Tensor]]
     fps = [fingerprint(nm, c, f, x, px, po, pd) for nm, c, f, x, px, po, pd in
            zip(names, full["codes"], full["features"], full["latents"], full["pixels"],
                full.get("pooled", [None] * n), full.get("pixel_decoder", [None] * n))]
-    return VerifyResult(not mismatches, fps, mismatches, environment(tok))
+    return VerifyResult(not mismatches, fps, mismatches, environment(tok), weights_digests(tok))
+
+
+def weights_digests(tok: ViQTokenizer) -> dict[str, str]:
+    """One sha256 per loaded part over its tensors as the model holds them: two sources loaded with
+    the same dtype compare bit for bit (a low bit flipped in a .pth file, which has no recorded
+    digest, changes no code on a few photos but changes this)."""
+    from viq.model.viq_model import part_of
+
+    hashes: dict[str, "hashlib._Hash"] = {}
+    state = tok.model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h = hashes.setdefault(part_of(key), hashlib.sha256())
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {p: h.hexdigest() for p, h in hashes.items()}
+
+
+def compare_weights(a: dict, b: dict, label_a="model", label_b="against") -> list[str]:
+    """Parts both sources hold must be equal tensor for tensor (as loaded)."""
+    return [f"weights of the {p} part differ: {label_a} {a[p][:12]}... != {label_b} {b[p][:12]}..."
+            for p in a if p in b and a[p] != b[p]]
 
 
 def compare_fingerprints(a: list[dict], b: list[dict], label_a="model", label_b="against") -> list[str]:
-    """Entries both models computed must be equal (a part only one of them ships is not compared)."""
+    """Entries both models computed must be equal (a part only one of them ships is not compared).
+    A side without fingerprints failed to load: that failure is already reported."""
+    if not a or not b:
+        return []
     diffs = []
     for fa, fb in zip(a, b):
         for k in fa:
