@@ -144,3 +144,22 @@ def test_token_shards_load_as_a_hugging_face_dataset(tmp_path):
     assert sorted(ds["id"]) == sorted(grids)
     for row in ds:
         assert np.array_equal(tokens_to_codes(row["tokens"], layout), grids[row["id"]])
+
+
+def test_cli_tokens_with_a_tokenizer_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_store(tmp_path / "store", n=2)
+    base = qwen_tokenizer()
+    base.save_pretrained(str(tmp_path / "llm"))
+    n = len(base)
+    cmd = [sys.executable, "-m", "viqctl", "tokens", str(tmp_path / "store"), "--tokenizer", str(tmp_path / "llm"),
+           "--save-tokenizer", str(tmp_path / "llm-viq"), "--out", str(tmp_path / "t"), "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["offset"] == n
+    extended = AutoTokenizer.from_pretrained(str(tmp_path / "llm-viq"))
+    assert len(extended) == n + K + 3 and extended.convert_tokens_to_ids("<viq_eol>") == n + K + 2
+    both = subprocess.run(cmd[:7] + ["--offset", "3", "--out", str(tmp_path / "u")], capture_output=True, text=True,
+                          timeout=300)
+    assert both.returncode == 2 and "exactly one" in both.stderr

@@ -131,6 +131,22 @@ def add_to_tokenizer(tokenizer, codebook_size: int, slots: int = 4) -> TokenLayo
     return layout
 
 
+def tokenizer_layout(name_or_path: str, codebook_size: int, save_to=None, slots: int = 4) -> TokenLayout:
+    """Load a transformers tokenizer (a folder, or a Hub id found through the HF cache), add the
+    ViQ tokens, optionally save the extended tokenizer to ``save_to``; the resulting layout."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:  # missing files, offline, not a tokenizer: one line, with the reason
+        raise ConfigError(f"--tokenizer {name_or_path}: cannot load a tokenizer ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    layout = add_to_tokenizer(tok, codebook_size, slots)
+    if save_to is not None:
+        tok.save_pretrained(str(save_to))
+    return layout
+
+
 # ---------------------------------------------------------------------------------------------
 # a store's tokens as Parquet shards
 
