@@ -108,3 +108,31 @@ def test_missing_image_id_is_a_store_error(world, tmp_path):
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(StoreError, match="not-encoded.png.*viqctl encode"):
         train(recipe_for(world, "bad", f"data.path={bad}", "optim.max_steps=1"))
+
+
+def test_chaining_and_captions(world):
+    first = train(recipe_for(world, "pre", "optim.max_steps=2", "data.val_path=null", "runtime.eval_every=null"))
+    # a second recipe starts from the first run's projector and LoRA (LLaVA pretrain -> finetune)
+    second = train(recipe_for(world, "fine", "optim.max_steps=1", "data.val_path=null", "runtime.eval_every=null",
+                              f"llm.init_from={first.out_dir}", "optim.name=sgd", "optim.lr=1e-12"))
+    a, b = read_tensors(first.state_path), read_tensors(second.state_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+    from viq.mllm.caption import caption_store, load_offline_run
+
+    run = load_offline_run(first.out_dir)
+    got = list(caption_store(world / "data" / "codes", run, limit=2, max_new_tokens=4))
+    assert len(got) == 2 and all(isinstance(t, str) for _, t in got)
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "viqctl", "caption", str(world / "data" / "codes"), "--mllm",
+                        str(first.out_dir), "--limit", "1", "--max-new-tokens", "3", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(json.loads(p.stdout)["captions"]) == 1
+    p = subprocess.run([sys.executable, "-m", "viqctl", "caption", str(world / "data" / "codes"), "--mllm",
+                        str(world / "data")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "not a finished offline MLLM run" in p.stderr

@@ -49,6 +49,7 @@ COMMANDS = [
     ("weights", "verify", "verify"),
     ("data", "shapes", "shapes"),
     ("train", "train", "train"),
+    ("caption", "caption", "caption"),
     ("download", "download", "download"),
     ("bench", "bench", "bench"),
 ]
