@@ -138,3 +138,17 @@ def test_resume_after_interrupt(model, tmp_path):
     again = encode_to_store(sources, tok, tmp_path / "s", {}, opts)
     assert again.skipped >= 2 and again.skipped + again.encoded == 6
     assert CodeStore(tmp_path / "s").ids() == [f"img/{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])
+def test_json_list_is_read_one_sample_at_a_time(chunk):
+    from viq.sources.llava import iter_json_list
+
+    items = [{"image": "a/[b].jpg", "n": 12345, "s": "x, y ] { \" }"}, [1, 2], 3.25, "t", None, {"deep": {"k": [{}]}}]
+    text = " \n[ " + " ,\n ".join(json.dumps(i) for i in items) + " ]\n "
+    assert list(iter_json_list(io.StringIO(text), chunk)) == items
+    assert list(iter_json_list(io.StringIO("[]"), chunk)) == []
+    assert list(iter_json_list(io.StringIO("[123456789]"), chunk)) == [123456789]  # a number across chunks
+    for bad in ['{"a": 1}', '[{"a": 1} {"b": 2}]', '[{"a": 1}', '[1, 2] x', '[{"a": }]']:
+        with pytest.raises(ValueError):
+            list(iter_json_list(io.StringIO(bad), chunk))

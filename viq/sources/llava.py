@@ -27,15 +27,64 @@ def looks_like_llava(path: Path) -> bool:
     return isinstance(row, dict) and "conversations" in row
 
 
+def iter_json_list(f, chunk: int = 1 << 20) -> Iterator[Any]:
+    """The items of a JSON list read from text stream ``f`` one at a time (memory: one item plus
+    ``chunk``), so a LLaVA file of a million samples is never held whole. ValueError if malformed."""
+    decoder = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        data = f.read(chunk)
+        eof = not data
+        buf, pos = buf[pos:] + data, 0
+        return not eof
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    if skip_space() != "[":
+        raise ValueError("the file does not start with '['")
+    pos += 1
+    if skip_space() == "]":
+        pos += 1
+    else:
+        while True:
+            skip_space()
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError:
+                    if eof or not more():  # the item is really malformed (or the file ends inside it)
+                        raise
+            # a number cut by the chunk's end ("3." of "3.25") decodes too: accept an item only when a
+            # separator follows it (or the file ends), else decode again with more text
+            if (end == len(buf) or buf[end] not in " \t\r\n,]") and not eof and more():
+                continue
+            pos = end
+            yield item
+            sep = skip_space()
+            pos += 1
+            if sep == "]":
+                break
+            if sep != ",":
+                raise ValueError(f"expected ',' or ']' between samples, found {sep or 'the end of the file'!r}")
+    if skip_space():
+        raise ValueError("text after the closing ']'")
+
+
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         if path.suffix.lower() == ".json":
             with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, list):
-                raise ConfigError(f"{path}: a LLaVA .json file must hold a list of samples")
-            for i, rec in enumerate(data):
-                yield f"{path}: sample {i}", rec
+                for i, rec in enumerate(iter_json_list(f)):
+                    yield f"{path}: sample {i}", rec
             return
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -45,7 +94,9 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
                     except json.JSONDecodeError as e:
                         raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}); a LLaVA .json file holds a list of samples") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a JSON list of samples ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
 
