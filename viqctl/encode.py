@@ -63,10 +63,10 @@ def encode(
         rank, world, barrier, dist_device = distributed()
         job, jobs = parse_shard(shard) if shard else (0, 1)  # job I of N = global rank I * world + rank
         sources = collect_sources(inputs, options=InputOptions(image_column, id_column, image_root))
+        src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
             err.print(f"codes -> {Path(out_dir).resolve()} ({len(sources)} image(s); rerun the same command to resume)",
                       highlight=False, markup=False)
-        src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
             warn_if_random(src_path, parts=())
         tok = load_tokenizer(src_path, parts=("encoder",), device=dist_device or device_of(device), dtype=dtype)
