@@ -31,9 +31,11 @@ def tokens(
     Example: viqctl tokens codes/ --offset 151665 --out tokens/
     Example: viqctl tokens codes/ --tokenizer Qwen/Qwen2.5-0.5B --save-tokenizer llm-tok/ --out tokens/
 
-    Per image: BOI, then each patch row's codes (4 per patch) followed by EOL, then EOI, with
-    code c -> offset + c, BOI = offset + K, EOI = offset + K + 1, EOL = offset + K + 2 (K = the
-    codebook size). tokens.json records these ids; viq.tokens.tokens_to_codes inverts exactly.
+    Per image: BOI, each patch row's codes (4 per patch) then EOL, and EOI at the end.
+
+    Ids: code c -> offset + c; BOI, EOI, EOL = offset + K, + K + 1, + K + 2 (K: codebook size).
+
+    tokens.json records them; viq.tokens.tokens_to_codes inverts exactly. Rerun to resume.
     """
     from viq.store import CodeStore
     from viq.errors import ConfigError
