@@ -62,12 +62,14 @@ def reconstruct(
     json_out: bool = JsonOpt,
     debug: bool = DebugOpt,
 ):
-    """Draw codes back into images (Qwen-Image VAE path, or --decoder pixel).
+    """Draw codes back into images (drawer + Qwen-Image VAE, or the pixel decoder: --decoder).
 
     Example: viqctl reconstruct codes/ --out recon/
 
     The model defaults to the one recorded in the store; a model with other FSQ levels or another
-    decoder fingerprint is refused. Existing PNGs are skipped, so an interrupted run resumes.
+    decoder fingerprint is refused. The decoder defaults to the one that works for the model (the
+    pixel decoder for the demo model, whose drawer learned a random VAE) and is named on stderr.
+    Existing PNGs are skipped, so an interrupted run resumes.
     """
     from viq.decode import reconstruct_store, select_ids
 
