@@ -257,12 +257,17 @@ def _scan(root: Path, codebook_size: int | None = None, verify: bool = False) ->
             first.setdefault(id_, row)
             candidates.setdefault(id_, []).append(((index, rank, row), pos, row, sha, src))
 
+    groups: dict = {}  # (pos, g) -> RowGroup, for the rows checked below
+
     def problem_of(pos: int, row: int) -> str | None:
         if (pos, row) not in bad and not verify:  # readers check the rows whose choice matters
             shard = shards[pos]
             g = bisect.bisect_right(shard.group_starts, row) - 1
-            group = RowGroup(_read_group(_open_shard(shard.path), shard.path, g))
-            bad[(pos, row)] = row_problem(group, row - shard.group_starts[g], codebook_size)
+            if (pos, g) not in groups:
+                if len(groups) >= 64:  # bounded memory however many rows were superseded
+                    groups.clear()
+                groups[(pos, g)] = RowGroup(_read_group(_open_shard(shard.path), shard.path, g))
+            bad[(pos, row)] = row_problem(groups[(pos, g)], row - shard.group_starts[g], codebook_size)
         return bad.get((pos, row))
 
     rows, corrupt = {}, {}
