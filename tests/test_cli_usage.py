@@ -160,3 +160,22 @@ def test_ctrl_c_during_encode_keeps_the_finished_rows(tmp_path):
     assert q.returncode == 0, q.stderr
     summary = json.loads(q.stdout)
     assert summary["skipped"] >= 1 and summary["skipped"] + summary["encoded"] == 80
+
+
+def test_download_list_fits_80_columns_with_repo_ids_whole(tmp_path):
+    p = run("download", "--list", env={"COLUMNS": "80", "VIQ_MODELS_DIR": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80
+    listed = json.loads(run("download", "--list", "--json", env={"VIQ_MODELS_DIR": str(tmp_path)}).stdout)
+    for r in listed:
+        assert any(r["repo_id"] in line and r["name"] in line for line in p.stdout.splitlines()), r
+
+
+def test_eval_reports_progress_and_picks_the_working_decoder(tmp_path):
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    p = run("eval", tmp_path / "a.png", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["decoder"] == "pixel" and "decoder: pixel" in p.stderr
+    p = run("eval", tmp_path / "a.png")
+    assert p.returncode == 0 and "eval: 1/1" in p.stderr, p.stderr  # a progress line: stderr is not a terminal
+    assert "pixel decoder, 1 images" in p.stdout
