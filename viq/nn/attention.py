@@ -30,11 +30,6 @@ try:  # optional extra: pip install viq[flash]
 except Exception:  # pragma: no cover - not installable without CUDA
     _flash_varlen = None
 
-try:  # torch >= 2.9
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
-except Exception:  # pragma: no cover - older torch
-    _torch_varlen = None
-
 BACKENDS = ("auto", "loop", "flash", "varlen", "nested", "flex")
 _forced: contextvars.ContextVar[str] = contextvars.ContextVar("viq_attention_backend", default="auto")
 
@@ -75,6 +70,21 @@ def attention_backend(name: str):
         _forced.reset(token)
 
 
+@functools.lru_cache(maxsize=1)
+def _torch_varlen():
+    """torch's varlen kernel (torch >= 2.9), imported on first use: the import pulls in torch._dynamo
+    (seconds and ~100 MB), which a CPU encode never needs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # pragma: no cover - older torch
+        return None
+    return varlen_attn
+
+
+def _cuda_half(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
 def flash_available(t: torch.Tensor) -> bool:
     return _flash_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
@@ -82,8 +92,7 @@ def flash_available(t: torch.Tensor) -> bool:
 def available_backends(t: torch.Tensor) -> list[str]:
     """The backends that can run on ``t``'s device and dtype."""
     out = ["loop", "nested", "flex"]
-    half = t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
-    if _torch_varlen is not None and half:
+    if _cuda_half(t) and _torch_varlen() is not None:
         out.insert(1, "varlen")
     if flash_available(t):
         out.insert(1, "flash")
@@ -93,7 +102,7 @@ def available_backends(t: torch.Tensor) -> list[str]:
 def default_backend(t: torch.Tensor) -> str:
     if flash_available(t):
         return "flash"
-    if _torch_varlen is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16):
+    if _cuda_half(t) and _torch_varlen() is not None:
         return "varlen"
     return "loop"
 
@@ -118,7 +127,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
         return _loop(q, k, v, segments, scale)
     if backend == "varlen":
         cu = segments.cu_seqlens(q.device)
-        return _torch_varlen(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scale)
+        return _torch_varlen()(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scale)
     if backend == "nested":
         return _nested(q, k, v, segments, scale)
     if backend == "flex":
