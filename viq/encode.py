@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
+from torch.profiler import record_function  # labels for torch.profiler (benchmarks/encode_folder.py)
 
 from viq.errors import ImageError
 from viq.images import Preprocessor, parse_policy
@@ -104,14 +105,17 @@ def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter
 
     def work(src: Source):
         try:  # one read: files, tar members and dataset rows alike; only regular files are opened
-            data = reader.read(src)
+            with record_function("viq.read"):
+                data = reader.read(src)
         except ImageError as exc:
             return src, None, None, str(exc)
-        digest = hashlib.sha256(data).hexdigest()
+        with record_function("viq.sha256"):
+            digest = hashlib.sha256(data).hexdigest()
         if not writer.needs_encoding(src.id, digest):
             return src, digest, None, None
         try:
-            pixels, info = prep(data, name=src.name)
+            with record_function("viq.decode_resize"):
+                pixels, info = prep(data, name=src.name)
             if pin:  # page-locked here, in the worker thread, so the copy to the GPU does not block
                 pixels = pixels.pin_memory()
             return src, digest, pixels, info
@@ -156,10 +160,12 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
         nonlocal batch, used
         if not batch:
             return
-        codes = tok.encode_pixels([b[2] for b in batch])
+        with record_function("viq.model"):
+            codes = tok.encode_pixels([b[2] for b in batch])
         for (src, digest, pixels, info), c in zip(batch, codes):
             w, h = info.size
-            writer.add(src.id, src.name, digest, w, h, c.numpy().astype(np.int64))
+            with record_function("viq.store"):
+                writer.add(src.id, src.name, digest, w, h, c.numpy().astype(np.int64))
             summary.tokens += c.shape[0] * c.shape[1]
             summary.resized += info.size != info.original_size
         summary.encoded += len(batch)
