@@ -11,7 +11,7 @@ from rich.table import Table
 
 from viqctl.common import (DebugOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ModelsDirOpt, check_out_dir,
                            device_of, close_distributed, distributed, models_dir_of, say_model, warn_if_random)
-from viqctl.console import cli_errors, err, note, out, print_json
+from viqctl.console import cli_errors, err, note, out, print_json, progress_lines
 
 
 def encode(
@@ -82,11 +82,16 @@ def encode(
             import time
 
             t0 = time.perf_counter()
+            said = [t0] if rank == 0 and not json_out and progress_lines() else None  # a log: a line every 10 s
 
             def advance(n):
                 bar.advance(task, n)
                 done = bar.tasks[0].completed
                 bar.update(task, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}")
+                if said is not None and time.perf_counter() - said[0] >= 10:
+                    said[0] = time.perf_counter()
+                    err.print(f"encode: {done:.0f}/{bar.tasks[0].total:.0f} ({bar.tasks[0].fields['rate']} img/s)",
+                              highlight=False, markup=False)
 
             try:
                 summary = encode_to_store(sources, tok, out_dir, fps, opts, job * world + rank, jobs * world, advance, barrier,
