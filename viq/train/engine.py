@@ -138,7 +138,7 @@ class Engine:
         c = ckpt.read_checkpoint(last)
         st = c.state
         task, stage = st.get("task"), st.get("stage")
-        if task not in (None, self.stage.task) or (task is not None and stage != self.recipe.run.stage):
+        if task not in (None, self.stage.task) or ("stage" in st and stage != self.recipe.run.stage):
             raise ConfigError(f"{last} was written by run.task {task} stage {stage}, not run.task "
                               f"{self.stage.task} stage {self.recipe.run.stage}: use another run.output_dir, "
                               "or train without --resume")
