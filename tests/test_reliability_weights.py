@@ -248,3 +248,14 @@ def test_a_part_that_is_a_fifo_or_names_another_folder_is_refused_without_readin
     (demo / "config.json").write_text(json.dumps(meta))
     with pytest.raises(IntegrityError, match="not a file of the folder"):
         load_tokenizer(demo, parts=("drawer",), device="cpu")
+
+
+def test_verify_of_parts_failing_their_digest_prints_the_failure_lines_and_no_empty_table(demo):
+    flip_bit(demo / "encoder.safetensors", 3, 6)
+    r = verify_cli(demo)
+    assert r.exit_code == 1 and "encoder.safetensors" in r.output
+    assert "mismatch" in r.output
+    assert "fingerprints (" not in r.output and "codes sum" not in r.output  # nothing ran: no table
+    shutil.copy(DEMO_MODEL / "encoder.safetensors", demo / "encoder.safetensors")
+    r = verify_cli(demo)  # a sound folder still prints its table
+    assert r.exit_code == 0 and "fingerprints (" in r.output and "codes sum" in r.output

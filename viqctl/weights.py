@@ -182,7 +182,8 @@ def verify(
             for f in result.fingerprints:
                 table.add_row(f["image"], "x".join(map(str, f["grid"])), str(f["codes_sum"]), str(f["distinct_codes"]),
                               f["codes_sha256"][:8], f"{f['latent_abs_sum']:.4f}", f["pixels_sha256"][:8])
-            out.print(table)
+            if result.fingerprints:  # a folder whose parts fail their digest never ran: no empty table
+                out.print(table)
             if diffs:
                 for d in diffs:
                     out.print(f"[red]mismatch[/] {d}", highlight=False, soft_wrap=True)
