@@ -257,3 +257,50 @@ def test_embed_of_a_store_with_a_flipped_byte_fails_naming_the_shard(tmp_path):
     shard.write_bytes(bytes(raw))
     r = CliRunner().invoke(app, ["embed", str(root), "--out", str(tmp_path / "f.safetensors"), "--device", "cpu"])
     assert r.exit_code == 2 and shard.name in r.output, r.output
+
+
+def test_a_resumed_encode_lists_the_damaged_rows_it_redid(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from viqctl.__main__ import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        _png(str(folder / f"p{i}.png").encode(), colour)
+    root = tmp_path / "s"
+    cmd = ["encode", str(folder), "--out", str(root), "--device", "cpu", "--json"]
+    r = CliRunner().invoke(app, cmd)
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)
+    assert first["redone"] == [] and first["redone_count"] == 0
+    good = snapshot(root)
+
+    def damage(id_):
+        """Other codes in ``id_``'s newest row: its digest no longer matches."""
+        for shard in sorted(root.glob("shard-*.parquet"), reverse=True):
+            t = pq.read_table(shard)
+            rows = t.to_pylist()
+            for k, row in enumerate(rows):
+                if row["id"] == id_:
+                    row["codes"] = [(c + 1) % 4 for c in row["codes"]]
+                    rewrite(shard, pa.Table.from_pylist(rows, schema=t.schema))
+                    return shard, k
+
+    shard, k = damage("p1.png")
+    r = CliRunner().invoke(app, cmd)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["redone_count"] == 1 and summary["encoded"] == 1 and summary["skipped"] == 2
+    (rec,) = summary["redone"]
+    assert rec["id"] == "p1.png" and f"{shard.name}: row {k} is damaged" in rec["reason"]
+    assert f"redone p1.png: {shard.name}: row {k} is damaged" in r.stderr  # named on stderr, one line
+    assert snapshot(root) == good  # the row is back as it was
+
+    shard, k = damage("p1.png")  # damaged again: the table says it too
+    r = CliRunner().invoke(app, cmd[:-1])
+    assert r.exit_code == 0 and f"redone p1.png: {shard.name}" in r.stderr and "redone" in r.stdout and "encode it again" not in r.stderr.split("redone:")[1], r.output
+    r = CliRunner().invoke(app, cmd[:-1])  # a clean rerun redoes nothing and says nothing of it
+    assert r.exit_code == 0 and "redone" not in r.output

@@ -53,6 +53,7 @@ class EncodeSummary:
     seconds: float = 0.0
     tokens: int = 0
     resized: int = 0  # images the policy scaled (for native: larger than its pixel budget)
+    redone: list[dict] = field(default_factory=list)  # damaged store rows encoded again ({id, source, reason})
 
     @property
     def images_per_s(self) -> float:
@@ -61,6 +62,7 @@ class EncodeSummary:
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["images_per_s"] = round(self.images_per_s, 3)
+        d["redone_count"] = len(self.redone)
         return d
 
 
@@ -166,6 +168,8 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
             w, h = info.size
             with record_function("viq.store"):
                 writer.add(src.id, src.name, digest, w, h, c.numpy().astype(np.int64))
+            if (bad := writer.damaged_row(src.id)) is not None:
+                summary.redone.append(bad)
             summary.tokens += c.shape[0] * c.shape[1]
             summary.resized += info.size != info.original_size
         summary.encoded += len(batch)
@@ -214,6 +218,7 @@ def merge_summaries(parts: list[dict]) -> EncodeSummary:
         merged.failures.extend(p["failures"])
         merged.tokens += p["tokens"]
         merged.resized += p.get("resized", 0)
+        merged.redone.extend(p.get("redone", []))
         merged.seconds = max(merged.seconds, p["seconds"])
     merged.failures.sort(key=lambda f: f["id"])
     return merged

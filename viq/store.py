@@ -353,6 +353,7 @@ class CodeStoreWriter:
         self._sources = scan.sources
         #: rows found damaged on open ({"source", "id", "reason"}); their images are not "finished".
         self.damaged = [c[3] for c in scan.corrupt.values()]
+        self._damaged = {rec["id"]: rec for rec in self.damaged}
         for rec in self.damaged[:20]:
             log.warning("%s: %s", self.root, rec["reason"])
         self._next_index = scan.next_index
@@ -393,6 +394,11 @@ class CodeStoreWriter:
     def finished(self) -> dict:
         """id -> sha256 of every row committed (in any rank's shards) when this writer opened."""
         return dict(self._finished)
+
+    def damaged_row(self, id: str) -> dict | None:
+        """``{"source", "id", "reason"}`` if ``id``'s row was damaged when this writer opened (adding
+        ``id`` again redoes it: encode's summary lists those), else None."""
+        return self._damaged.get(clean_text(id))
 
     def needs_encoding(self, id: str, sha256: str) -> bool:
         """True unless a row for this id with this source hash is committed or already added here."""

@@ -117,6 +117,15 @@ def encode(
             close_distributed()
             if rank != 0:
                 raise typer.Exit(1 if summary.failed else 0)
+        redone = getattr(summary, "redone", [])
+        if redone:  # rows the store found damaged on open, encoded again from their inputs by this run
+            note(f"{len(redone)} damaged store row(s) encoded again from their inputs", "redone")
+            for rec in redone[:20]:
+                why = rec["reason"].removesuffix("; encode it again")
+                err.print(f"redone {rec['id']}: {why}", highlight=False, markup=False, soft_wrap=True)
+            if len(redone) > 20:
+                err.print(f"... and {len(redone) - 20} more (all in --json: \"redone\")", highlight=False,
+                          markup=False)
         if jobs > 1:  # no job may finalize while others write; a CodeStore reads the store as it is
             err.print(f"job {job} of {jobs} done (store not finalized; after the last job, rerun without --shard to "
                       "finalize, or read it as is)", highlight=False, markup=False)
@@ -124,10 +133,12 @@ def encode(
             print_json({**summary.as_dict(), "store": str(Path(out_dir).resolve())})
         else:
             table = Table(title=f"encoded into {out_dir}")
-            for col in ("images", "encoded", "skipped (done)", "failed", "img/s", "tokens"):
+            cols = ("images", "encoded", "skipped (done)", "failed", "img/s", "tokens") + (
+                ("redone",) if redone else ())
+            for col in cols:
                 table.add_column(col, justify="right")
             table.add_row(str(summary.total), str(summary.encoded), str(summary.skipped), str(summary.failed),
-                          f"{summary.images_per_s:.2f}", str(summary.tokens))
+                          f"{summary.images_per_s:.2f}", str(summary.tokens), *[str(len(redone))] * bool(redone))
             out.print(table)
             for f in summary.failures:
                 out.print(f"[red]failed[/] {f['reason']}", highlight=False, soft_wrap=True)
