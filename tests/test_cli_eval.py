@@ -55,3 +55,56 @@ def test_pixel_decoder_part_round_trip_and_reconstruct(tmp_path):
     p = cli("encode", tmp_path, "--model", without, "--out", tmp_path / "codes", "--resize", "none")
     p = cli("reconstruct", tmp_path / "codes", "--out", tmp_path / "r", "--decoder", "pixel")
     assert p.returncode == 2 and "pixel_decoder" in p.stderr
+
+
+def test_eval_reads_tar_parquet_and_llava_inputs_as_encode_does(tmp_path):
+    """Tar members, Parquet rows and LLaVA images go through encode's SourceReader, never as file paths."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from viqctl.__main__ import app
+
+    rng = np.random.default_rng(0)
+    data = {}
+    for key, (w, h) in (("a", (48, 32)), ("b", (32, 40))):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+        data[key] = buf.getvalue()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for key, raw in data.items():
+        (folder / f"{key}.png").write_bytes(raw)
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, raw in data.items():
+            for name, blob in ((f"{key}.png", raw), (f"{key}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    table = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"uid": list(data), "picture": pa.array(list(data.values()), pa.binary())}), table)
+    llava = tmp_path / "llava.json"
+    turn = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "noise"}]
+    llava.write_text(json.dumps([{"id": f"s{i}", "image": f"{k}.png", "conversations": turn}
+                                 for i, k in enumerate(["a", "b", "a"])]))  # "a" twice: evaluated once
+
+    def run(*args):
+        r = CliRunner().invoke(app, ["eval", *map(str, args), "--device", "cpu", "--json"])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout)
+        assert res["failures"] == [] and res["images"] == 2, res
+        return res
+
+    want = run(folder)
+    for args, names in [((shard,), ["a", "b"]),
+                        ((table, "--image-column", "picture", "--id-column", "uid"), ["a", "b"]),
+                        ((llava, "--image-root", folder), ["a.png", "b.png"])]:
+        got = run(*args)
+        assert [row["image"] for row in got["per_image"]] == names
+        assert got["psnr"] == pytest.approx(want["psnr"], rel=1e-6)  # the same pixels, however they were held

@@ -14,8 +14,9 @@ from viqctl.console import cli_errors, err, out, print_json, progress_bar
 
 
 def evaluate(
-    inputs: List[str] = typer.Argument(..., help="A code store, or images (files, folders, globs, lists).",
-                                       show_default=False),
+    inputs: List[str] = typer.Argument(..., help="A code store, or images as encode reads them: files, folders, "
+                                       "globs, .txt/.jsonl lists, WebDataset .tar shards, Parquet files or datasets "
+                                       "folders, LLaVA .json/.jsonl files.", show_default=False),
     model: Optional[str] = StoreModelOpt,
     decoder: Optional[str] = typer.Option(None, "--decoder", help="vae (published drawer + Qwen-Image VAE) or "
                                           "pixel. Default: as `viqctl reconstruct` (pixel for the demo model).",
@@ -26,6 +27,12 @@ def evaluate(
                                                                 "vgg.pth). Without it LPIPS is skipped."),
     fid: Optional[Path] = typer.Option(None, "--fid", help="FID Inception weights (pt_inception). Without it rFID is skipped."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Write a side-by-side PNG (original | reconstruction)."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet/datasets inputs: the image "
+                                               "column (default: found)."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet/datasets inputs: the column of ids "
+                                            "(default: <file>/<row>)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="LLaVA .json/.jsonl inputs: the folder "
+                                              "their image paths are relative to (default: the file's folder)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     models_dir: Optional[Path] = ModelsDirOpt,
@@ -35,6 +42,9 @@ def evaluate(
     """PSNR, SSIM, LPIPS, rFID, codebook usage and bits per pixel of a tokenizer's reconstructions.
 
     Example: viqctl eval viq/assets/examples --model viq-16k --grid grid.png
+
+    Inputs are read as encode reads them: `viqctl eval shard-000000.tar`, `viqctl eval data.parquet
+    --image-column image`, `viqctl eval llava.json --image-root images/`.
 
     rFID protocol: Inception-v3 pool features (2048-d) of originals vs reconstructions, each image
     resized to 299x299 bilinear, Frechet distance over the evaluated set (needs >= 2 images; small
@@ -56,9 +66,10 @@ def evaluate(
             store = CodeStore(first)
             src = resolve_source(model or store.manifest["model"]["source"], models_dir_of(models_dir))
         else:
-            from viq.sources import collect_sources
+            from viq.sources import InputOptions, collect_sources
 
-            paths = [s.path for s in collect_sources(inputs)]
+            # Sources, not paths: tar members, Parquet rows and LLaVA images are read as encode reads them
+            sources = collect_sources(inputs, options=InputOptions(image_column, id_column, image_root))
             src = resolve_source(model, models_dir_of(models_dir))
         decoder = choose_decoder(src, decoder)
         parts = ("encoder", "decoder", "pixel_decoder") if decoder == "pixel" else ("encoder", "decoder", "drawer")
@@ -81,8 +92,8 @@ def evaluate(
             with progress_bar("eval", len(select_ids(store, None)), quiet=json_out) as advance:
                 result = evaluate_store(tok, store, decoder, perceptual, fid_net, grid, progress=advance)
         else:
-            with progress_bar("eval", len(paths), quiet=json_out) as advance:
-                result = evaluate_sources(tok, paths, resize, decoder, perceptual, fid_net, grid, progress=advance)
+            with progress_bar("eval", len(sources), quiet=json_out) as advance:
+                result = evaluate_sources(tok, sources, resize, decoder, perceptual, fid_net, grid, progress=advance)
         if perceptual is None and not json_out:
             err.print("LPIPS skipped (no --lpips weights); rFID skipped (no --fid weights)" if fid_net is None
                       else "LPIPS skipped (no --lpips weights)", highlight=False)

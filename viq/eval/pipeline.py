@@ -17,6 +17,8 @@ from viq.errors import ImageError
 from viq.eval.report import evaluate, image_grid
 from viq.images import Preprocessor, load_rgb, parse_policy, to_pixels
 from viq.packing import batches_by_budget, patch_grid
+from viq.sources import Source, SourceReader
+from viq.sources.base import absolute
 from viq.tokenizer import ViQTokenizer
 
 
@@ -31,21 +33,29 @@ def _finite(obj):
     return obj
 
 
-def evaluate_sources(tok: ViQTokenizer, paths: Sequence[Path], policy: str = "native", decoder: str = "vae",
+def evaluate_sources(tok: ViQTokenizer, sources: Sequence, policy: str = "native", decoder: str = "vae",
                      perceptual=None, fid_net=None, grid_path=None, token_budget: int = 16384,
-                     progress: Callable[[int], None] | None = None) -> dict:
-    """Encode and reconstruct ``paths`` in memory, then measure. Unreadable images are listed, not fatal."""
+                     progress: Callable[[int], None] | None = None, reader: SourceReader | None = None) -> dict:
+    """Encode and reconstruct ``sources`` in memory, then measure. Unreadable images are listed, not fatal.
+
+    ``sources`` are ``viq.sources.Source`` objects (from ``collect_sources``: files, tar members,
+    Parquet rows, LLaVA images), read through the same ``SourceReader`` as encode, or plain paths.
+    """
     prep = Preprocessor(parse_policy(policy))
+    reader = reader or SourceReader()
     originals, pixels, failures, names = [], [], [], []
-    for p in paths:
+    for s in sources:
+        src = s if isinstance(s, Source) else Source(Path(s).name, absolute(s))
         try:
-            img = prep.policy.apply(load_rgb(p))
+            img = prep.policy.apply(load_rgb(reader.read(src), name=src.name))
         except ImageError as exc:
-            failures.append({"source": str(p), "reason": str(exc)})
+            failures.append({"source": src.name, "reason": str(exc)})
+            if progress:
+                progress(1)
             continue
         originals.append(np.array(img))
         pixels.append(to_pixels(img))
-        names.append(Path(p).name)
+        names.append(src.id)
     counts = [math.prod(patch_grid(px.shape[2], px.shape[1], tok.patch)) for px in pixels]
     codes, recons = [], []
     for group in batches_by_budget(counts, token_budget) if pixels else []:
