@@ -354,3 +354,65 @@ def test_import_in_place_just_registers(fake, models):
         write(target / n)
     assert hub.import_weights(target, "viq-16k", models).path == target
     assert hub.load_registry(models)["viq-16k"]["revision"] == "local"
+
+
+# ------------------------------------------------------------------ progress as lines
+
+
+def test_cli_download_says_what_it_fetches_then_a_line_per_file(fake, models, monkeypatch):
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    r = cli("viq-16k", "--dir", str(models))  # CliRunner's stderr is not a terminal: lines, not bars
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if "fetching" in line)
+    assert lines[first] == (f"viq-16k: {hub.VIQ_REPO}@main -> {models / 'ViQ_weights'}: fetching 3 file(s), 12 B")
+    got = [line for line in lines if line.startswith("viq-16k: got ")]
+    assert sorted(line.split()[2] for line in got) == [
+        "converted_16k/embedder.pth", "converted_16k/index_drawer.pth", "converted_16k/model_viq_fsq_16k.pth"]
+    assert any("converted_16k/model_viq_fsq_16k.pth (5 B)" in line for line in got)
+    assert "3/3 files, 12 B of 12 B (100%)" in got[-1]
+    assert any(line.startswith("viq-16k: fetched 3 file(s), 12 B in ") for line in lines[first:])
+    r = cli("viq-16k", "--dir", str(models))  # a rerun has nothing to fetch and says so
+    assert r.exit_code == 0 and "all 3 file(s) already here" in r.stderr and " got " not in r.stderr
+
+
+def test_download_progress_names_the_interrupted_transfer(fake, models):
+    plan = hub.plan_download("viq-16k", models)
+    fake.fail_after = 2
+    said = []
+    with pytest.raises(HubError):
+        hub.download(plan, offline=False, say=said.append, file_lines=True)
+    assert said[0].endswith("fetching 3 file(s), 12 B")
+    assert sum(" got " in s for s in said) == 2
+    assert said[-1] == "viq-16k: stopped after 2 of 3 file(s); partial files are kept and the next run resumes them"
+    said.clear()
+    hub.download(plan, offline=False, say=said.append)  # say without file_lines: the plan line only
+    assert said == [f"viq-16k: {hub.VIQ_REPO}@main -> {plan.folder}: fetching 1 file(s), 5 B (2 already here)"]
+
+
+def test_download_watch_lines_from_the_folder(tmp_path):
+    from viq.hub_progress import PARTIAL_DIR, DownloadWatch, plan_line
+
+    files = [hub.RemoteFile("a.bin", 2000, False), hub.RemoteFile("sub/b.bin", 3000, False),
+             hub.RemoteFile("c.json", 10, True)]
+    assert plan_line("m", "org/m@main", tmp_path, files).endswith("fetching 2 file(s), 5.0 KB (1 already here)")
+    assert "size unknown" in plan_line("m", "org/m@main", tmp_path, [hub.RemoteFile("x", None, False)])
+    now = [0.0]
+    said = []
+    watch = DownloadWatch("m", tmp_path, files, said.append, every_s=10, clock=lambda: now[0])
+    assert watch.poll() == []  # nothing yet, and not time for a status line
+    write(tmp_path / PARTIAL_DIR / "xyz.etag.incomplete", b"p" * 1500)
+    now[0] = 11
+    assert watch.poll() == ["m: downloading [0/2 files, 1.5 KB of 5.0 KB (30%), 11 s]"]
+    write(tmp_path / "a.bin", b"a" * 1999)  # not yet its size: not done
+    now[0] = 12
+    assert watch.poll() == []
+    write(tmp_path / "a.bin", b"a" * 2000)
+    (tmp_path / PARTIAL_DIR / "xyz.etag.incomplete").unlink()
+    assert watch.poll() == ["m: got a.bin (2.0 KB) [1/2 files, 2.0 KB of 5.0 KB (40%), 12 s]"]
+    assert watch.poll() == []  # each file once
+    write(tmp_path / "sub/b.bin", b"b" * 3000)
+    with watch:  # the closing look catches what landed, then a summary line
+        pass
+    assert said[-2:] == ["m: got sub/b.bin (3.0 KB) [2/2 files, 5.0 KB of 5.0 KB (100%), 12 s]",
+                         "m: fetched 2 file(s), 5.0 KB in 12.0 s"]

@@ -20,9 +20,11 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from viq.errors import HubError
 
@@ -393,13 +395,18 @@ def _hub_error(plan: Plan, exc: BaseException) -> HubError | None:
     return None
 
 
-def download(plan: Plan, offline: bool | None = None) -> DownloadResult:
+def download(plan: Plan, offline: bool | None = None, say: Callable[[str], None] | None = None,
+             file_lines: bool = False) -> DownloadResult:
     """Fetch what ``plan`` names into its folder and register it.
 
     Online, huggingface_hub is always asked (it skips files already complete and resumes partial
     ones). ``offline`` (None: follow huggingface_hub's HF_HUB_OFFLINE) never touches the network:
     a complete local copy is registered, anything missing is a HubError naming the files. The
     registry is written only after every required file is present.
+
+    With ``say``, the Hub's file list is read first and one line says what will be fetched (files,
+    total size); with ``file_lines`` too, a line per finished file and a periodic byte count follow
+    (for logs, where the hub's own bars are off). See ``viq.hub_progress``.
     """
     offline = hub_offline() if offline is None else offline
     if offline:
@@ -409,9 +416,18 @@ def download(plan: Plan, offline: bool | None = None) -> DownloadResult:
     else:
         from huggingface_hub import snapshot_download
 
+        from viq.hub_progress import DownloadWatch, plan_line
+
+        watch = nullcontext()
+        if say is not None:
+            files = dry_run(plan, offline=False).files  # names and sizes; its errors are the transfer's
+            say(plan_line(plan.name, f"{plan.repo_id}@{plan.revision}", plan.folder, files))
+            if file_lines:
+                watch = DownloadWatch(plan.name, plan.folder, files, say)
         try:
-            snapshot_download(plan.repo_id, revision=plan.revision, local_dir=str(plan.folder),
-                              allow_patterns=list(plan.allow_patterns) if plan.allow_patterns else None)
+            with watch:
+                snapshot_download(plan.repo_id, revision=plan.revision, local_dir=str(plan.folder),
+                                  allow_patterns=list(plan.allow_patterns) if plan.allow_patterns else None)
         except Exception as exc:
             err = _hub_error(plan, exc)
             if err is None:

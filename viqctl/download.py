@@ -8,16 +8,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from viqctl.console import cli_errors, err, out, print_json
+from viqctl.console import cli_errors, err, out, print_json, progress_lines
+
+
+def _say(line: str) -> None:
+    err.print(line, highlight=False, markup=False, soft_wrap=True)
+
 
 def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return "?"
+    from viq.hub_progress import human_bytes
+
+    return human_bytes(n)
 
 
 def download(
@@ -44,6 +45,7 @@ def download(
     `viqctl download Qwen/Qwen2.5-14B --include '*.json' --include '*.safetensors'`;
     `viqctl download --list --json`; `viqctl download --import ./converted_16k --name viq-16k --link`.
 
+    Each transfer first says its files and total size; in a log or pipe, a line per finished file.
     Transfers resume where they stopped; HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
     Exit codes: 0 all done, 1 some names failed (the others are still done), 2 usage errors.
     """
@@ -72,8 +74,13 @@ def download(
                 if dry_run:
                     done.append(hub.dry_run(plan, offline=True if offline else None))
                 else:
-                    err.print(f"{plan.name}: {plan.repo_id}@{plan.revision} -> {plan.folder}", highlight=False)
-                    done.append(hub.download(plan, offline=True if offline else None))
+                    if offline or hub.hub_offline():
+                        err.print(f"{plan.name}: {plan.repo_id}@{plan.revision} -> {plan.folder} (offline: "
+                                  "checking the local copy)", highlight=False, markup=False)
+                    # first a line with the files and bytes to fetch; on a log or pipe, where the hub's
+                    # bars are off, a line per finished file too
+                    done.append(hub.download(plan, offline=True if offline else None, say=_say,
+                                             file_lines=progress_lines()))
             except HubError as exc:
                 err.print(f"[bold red]failed:[/] {escape(str(exc))}", highlight=False)
                 failed.append({"name": plan.name, "error": str(exc)})
