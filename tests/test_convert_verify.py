@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES, fixture_config, reference_dir_with_config
-from viq.errors import ConfigError, KeyMismatchError
+from viq.errors import ConfigError, KeyMismatchError, WeightsError
 from viq.tokenizer import load_tokenizer
+from viq.train.export import convert_step
 from viq.weights.convert import convert
 
 TRAIN = FIXTURES / "train-layout" / "vision_tower.pth"
@@ -261,12 +262,17 @@ def test_convert_a_step_checkpoint_of_a_viq_run(tmp_path):
     res = train(recipe, eval_at_start=False)
     steps = sorted((res.out_dir / "checkpoints").glob("step-*"))
     assert [s.name for s in steps] == ["step-00000001", "step-00000002"]
-    report = convert(steps[-1], tmp_path / "from-step")
+    with pytest.raises(WeightsError, match="step checkpoint"):
+        convert(steps[-1], tmp_path / "plain")  # inference-side convert reads no training checkpoints itself
+    report = convert_step(steps[-1], tmp_path / "from-step")
     assert report.kind == "viq training checkpoint" and "step 2" in report.recognised
     parts = ("encoder", "pool", "decoder", "drawer")
     a = load_tokenizer(res.viq_dir, parts=parts, device="cpu").model.state_dict()
     b = load_tokenizer(tmp_path / "from-step", parts=parts, device="cpu").model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    early = convert(steps[0], tmp_path / "from-step-1")
+    early = convert_step(steps[0], tmp_path / "from-step-1")
     c = load_tokenizer(tmp_path / "from-step-1", parts=parts, device="cpu").model.state_dict()
     assert "step 1" in early.recognised and not all(torch.equal(a[k], c[k]) for k in a)  # it did train
+    p = cli("convert", steps[0], "--out", tmp_path / "cli-step-1", "--json")  # the CLI passes the step reader
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["kind"] == "viq training checkpoint"

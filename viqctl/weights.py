@@ -66,7 +66,7 @@ def convert(
     Every tensor must come from the checkpoint (missing keys fail, listed); the keys dropped on
     purpose (teacher, projector, LPIPS, VAE copies, high branch, buffers) are listed by group.
     """
-    from viq.weights.convert import convert as run_convert
+    from viq.train.export import convert_step as run_convert
 
     with cli_errors(debug):
         report = run_convert(checkpoint, out_dir, levels=_levels(levels), size=size, config=_config(config),

@@ -18,6 +18,18 @@ def is_step_checkpoint(path: Path) -> bool:
     return path.is_dir() and bool(ckpt.STEP_DIR.match(path.name)) and (path / ckpt.STATE_FILE).is_file()
 
 
+def read_step_checkpoint(path: Path):
+    """``step_checkpoint_state`` for a step checkpoint, None for anything else (the reader convert takes)."""
+    return step_checkpoint_state(path) if is_step_checkpoint(path) else None
+
+
+def convert_step(path, out_dir, **options):
+    """viq.weights.convert.convert that also understands ``<run>/checkpoints/step-N``."""
+    from viq.weights.convert import convert
+
+    return convert(path, out_dir, step_reader=read_step_checkpoint, **options)
+
+
 def step_checkpoint_state(path: Path):
     """(viq config, state in viq names, description) for ``<run>/checkpoints/step-N``."""
     from viq.train.recipe import load_recipe

@@ -11,6 +11,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,8 @@ def convert_training_checkpoint(path: Path, levels: list[int] | None, config: Vi
     return cfg, enc, recognised, dropped, adaptations
 
 
-def _is_step_checkpoint(path: Path) -> bool:
-    from viq.train.export import is_step_checkpoint
-
-    return is_step_checkpoint(path)
+#: (viq config, state in viq names, description) of a source only a caller's reader understands, or None.
+StepReader = Callable[[Path], Optional[tuple]]
 
 
 def files_digest(folder: Path) -> str:
@@ -143,8 +142,13 @@ def files_digest(folder: Path) -> str:
 
 
 def convert(source, out_dir, levels=None, size: str | None = None, config: ViQConfig | None = None,
-            reference_layout: bool = False, dtype: torch.dtype | None = None) -> ConvertReport:
-    """Convert a training checkpoint (reference or viq) or re-export weights into viq's format."""
+            reference_layout: bool = False, dtype: torch.dtype | None = None,
+            step_reader: StepReader | None = None) -> ConvertReport:
+    """Convert a training checkpoint (reference or viq) or re-export weights into viq's format.
+
+    ``step_reader`` reads one step checkpoint of a viq training run (``viq.train.export.read_step_checkpoint``,
+    which ``viqctl convert`` passes): rebuilding such a step needs training code, which inference never imports.
+    """
     src = Path(source).expanduser()
     if not src.exists():
         raise WeightsError(f"{src}: no such file or directory")
@@ -156,11 +160,9 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
             "model_viq_fsq"):
         cfg, state, recognised, dropped, adaptations = convert_training_checkpoint(src, lv, config)
         kind, digest = "reference training checkpoint", sha256_file(src)
-    elif src.is_dir() and _is_step_checkpoint(src):
+    elif src.is_dir() and (step := step_reader(src) if step_reader else None) is not None:
         # one step of viq's own training run: rebuilt from the run's recipe.yaml, as the run would export it
-        from viq.train.export import step_checkpoint_state
-
-        cfg, state, recognised = step_checkpoint_state(src)
+        cfg, state, recognised = step
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
         dropped, adaptations = {}, []
@@ -178,6 +180,9 @@ def convert(source, out_dir, levels=None, size: str | None = None, config: ViQCo
         recognised, dropped, adaptations = report.recognised, report.dropped, []
         kind, digest = "viq training run", files_digest(weights)
     else:
+        if src.is_dir() and src.name.startswith("step-") and not is_viq_dir(src):
+            raise WeightsError(f"{src}: a step checkpoint of a viq training run; convert it with `viqctl convert` "
+                               "(or viq.train.export.convert_step in Python)")
         cfg, state, report = load_state(src, parts=available_parts(src), config=config)
         if lv is not None and list(cfg.head.levels) != list(lv):
             raise ConfigError(f"{src} holds FSQ levels {cfg.head.levels}, not {lv}")
