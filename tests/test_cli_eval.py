@@ -81,12 +81,16 @@ def test_eval_reads_tar_parquet_and_llava_inputs_as_encode_does(tmp_path):
     for key, raw in data.items():
         (folder / f"{key}.png").write_bytes(raw)
     shard = tmp_path / "shard-000000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, raw in data.items():
-            for name, blob in ((f"{key}.png", raw), (f"{key}.txt", b"a caption")):
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
+
+    def write_shard(images):
+        with tarfile.open(shard, "w") as tar:
+            for key, raw in images.items():
+                for name, blob in ((f"{key}.png", raw), (f"{key}.txt", b"a caption")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+
+    write_shard(data)
     table = tmp_path / "data.parquet"
     pq.write_table(pa.table({"uid": list(data), "picture": pa.array(list(data.values()), pa.binary())}), table)
     llava = tmp_path / "llava.json"
@@ -108,3 +112,16 @@ def test_eval_reads_tar_parquet_and_llava_inputs_as_encode_does(tmp_path):
         got = run(*args)
         assert [row["image"] for row in got["per_image"]] == names
         assert got["psnr"] == pytest.approx(want["psnr"], rel=1e-6)  # the same pixels, however they were held
+    # a store encoded from a shard or a table finds its originals again (member / row), bytes checked
+    for k, args in enumerate([(shard,), (table, "--image-column", "picture"),
+                              (table, "--image-column", "picture", "--id-column", "uid")]):
+        store = tmp_path / f"codes{k}"
+        r = CliRunner().invoke(app, ["encode", *map(str, args), "--out", str(store), "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        got = run(store)
+        assert got["psnr"] == pytest.approx(want["psnr"], rel=1e-6), k
+    write_shard({"a": data["a"] + b"more", "b": data["b"]})  # the same pixels, other bytes: not the original
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "codes0"), "--device", "cpu", "--json"])
+    assert r.exit_code == 1
+    (failure,) = json.loads(r.stdout)["failures"]
+    assert failure["source"].endswith("shard-000000.tar#a.png") and "changed since it was encoded" in failure["reason"]

@@ -6,6 +6,7 @@ the patch padding); reconstructions are cropped to that size before comparing.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ from viq.images import Preprocessor, load_rgb, parse_policy, to_pixels
 from viq.packing import batches_by_budget, patch_grid
 from viq.sources import Source, SourceReader
 from viq.sources.base import absolute
+from viq.sources.relocate import Relocator
 from viq.tokenizer import ViQTokenizer
 
 
@@ -75,15 +77,14 @@ def evaluate_store(tok: ViQTokenizer, store, decoder: str = "vae", perceptual=No
     check_model_matches(store, tok)
     policy = parse_policy(store.manifest.get("preprocess", "native"))
     originals, recons, codes, names, failures = [], [], [], [], []
+    reader, find = SourceReader(), Relocator()  # a tar member or table row is found again by its name
     for i in select_ids(store, ids):
         rec = store.get(i)
-        try:
-            img = np.array(policy.apply(load_rgb(rec.source)))
-        except ImageError as exc:
-            failures.append({"source": rec.source, "reason": f"original not readable: {exc}"})
-            continue
-        if img.shape[:2] != (rec.height, rec.width):
-            failures.append({"source": rec.source, "reason": "the source changed since it was encoded"})
+        img, reason = _original(rec, i, reader, find, policy)
+        if img is None:
+            failures.append({"source": rec.source, "reason": reason})
+            if progress:
+                progress(1)
             continue
         c = torch.from_numpy(rec.codes)
         originals.append(img)
@@ -94,6 +95,18 @@ def evaluate_store(tok: ViQTokenizer, store, decoder: str = "vae", perceptual=No
             progress(1)
     return _finish(tok, originals, recons, codes, names, failures, decoder, store.manifest.get("preprocess"),
                    perceptual, fid_net, grid_path)
+
+
+def _original(rec, id, reader: SourceReader, find: Relocator, policy):
+    """(the image a store row was encoded from, None), or (None, why not) when unreadable or changed."""
+    try:
+        data = reader.read(find.find(rec.source, id))
+        img = np.array(policy.apply(load_rgb(data, name=rec.source)))
+    except ImageError as exc:
+        return None, f"original not readable: {exc}"
+    if hashlib.sha256(data).hexdigest() != rec.sha256 or img.shape[:2] != (rec.height, rec.width):
+        return None, f"{rec.source}: the source changed since it was encoded (its sha256 differs)"
+    return img, None
 
 
 def _finish(tok, originals, recons, codes, names, failures, decoder, policy, perceptual, fid_net, grid_path):
