@@ -77,3 +77,16 @@ def test_viq_weights_directory(tmp_path):
     rep = apply_init(model, tensors, False, "viq", fmt, notes)
     assert fmt == "viq" and rep.loaded == len(tensors)
     assert torch.equal(model.student.head.merge_slots.fc1.weight, donor.student.head.merge_slots.fc1.weight)
+
+
+def test_quantizer_projections_take_the_models_names():
+    """A bottleneck (2-1) and the head's FSQ projections (2-2) are one role across checkpoints."""
+    from viq.train.build import quantizer_projections
+
+    fsq = {"student.head.project_in.weight": torch.zeros(5, 4), "student.vit.pos_embed": torch.zeros(1)}
+    bottleneck_model = {"student.bottleneck.project_in.weight": 0, "student.head.project_in.weight": 0}
+    assert set(quantizer_projections(fsq, bottleneck_model)) == {"student.bottleneck.project_in.weight",
+                                                                  "student.vit.pos_embed"}
+    old = {"student.bottleneck.project_in.weight": torch.zeros(8, 4)}
+    assert set(quantizer_projections(old, {"student.head.project_in.weight": 0})) == {"student.head.project_in.weight"}
+    assert quantizer_projections(old, bottleneck_model) is old  # already in the model's names

@@ -29,11 +29,31 @@ def test_every_quantizer_trains_end_to_end(kind):
     loss = out.features.square().mean() + out.pooled.sum() + sum(lat.mean() for lat in out.latents) \
         + out.aux_loss + out.feat_rec
     loss.backward()
-    assert s.head.project_in.weight.grad.abs().sum() > 0  # straight through the quantizer
+    project_in = s.head.project_in if kind == "fsq" else s.bottleneck.project_in
+    assert project_in.weight.grad.abs().sum() > 0  # straight through the quantizer
     assert s.vit.pos_embed.grad is not None
     assert all(p.grad is None for p in s.drawer.vae.parameters())  # the VAE is frozen
-    if kind != "fsq":
-        assert s.head.project_in.weight.shape == (6, 32) and not hasattr(s.head, "codebook")
+    if kind != "fsq":  # a training-only bottleneck beside the inference head, whose FSQ projections idle
+        assert s.bottleneck.project_in.weight.shape == (6, 32) and s.head.project_in.weight.shape == (5, 32)
+        assert s.head.project_in.weight.grad is None and not s.head.project_in.weight.requires_grad
+        assert set(s.idle_keys) <= set(s.state_dict()) and "head.codebook" in s.idle_keys
+
+
+def test_student_is_the_inference_model_plus_training_parts():
+    from viq.model.viq_model import ViQModel
+
+    for q in (None, build_quantizer("passthrough", dim=4, limit="tanh")):
+        s = Student(CFG, q, drawer=True)
+        assert isinstance(s, ViQModel) and s.parts == ("encoder", "pool", "decoder", "drawer")
+        with torch.device("meta"):
+            inference = ViQModel(CFG, s.parts).state_dict()
+        assert {k: tuple(v.shape) for k, v in s.inference_state().items()} == \
+            {k: tuple(v.shape) for k, v in inference.items()}
+        extra = {k.split(".")[0] for k in s.state_dict() if k not in inference}
+        assert extra <= {"quantizer", "bottleneck"} and ("bottleneck" in extra) == (q is not None)
+    s = Student(CFG, seed=3)
+    assert s.viq_state().keys() == s.inference_state().keys()
+    assert all(torch.equal(s.viq_state()[k], v) for k, v in s.state_dict().items() if k in s.viq_state())
 
 
 def test_freezing_rules():

@@ -107,6 +107,10 @@ class ViQHead(nn.Module):
 
     def pre_quant(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Packed ViT tokens (T, C) -> FSQ input z (4T, d), slot order 4n + j."""
+        return self.project_in(self.slot_features(tokens, packing))
+
+    def slot_features(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Packed ViT tokens (T, C) -> slot features (4T, C) before project_in (training bottlenecks read them)."""
         segments = packing.segments
         x = self.pre_norm(tokens)
         for blk in self.pre_blocks:
@@ -116,7 +120,7 @@ class ViQHead(nn.Module):
         theta = self.angles(packing)
         for blk in self.fsq_blocks:
             x = self._run(blk, x, segments, theta)
-        return self.project_in(x)
+        return x
 
     def encode(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Packed tokens -> int64 indices (4T,) in position 4n + j."""

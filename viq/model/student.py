@@ -1,11 +1,10 @@
-"""The trainable tokenizer: any-res ViT -> ViQ head around a chosen quantizer -> optional drawer.
+"""The trainable tokenizer: the inference ``ViQModel`` plus the parts only training needs.
 
-Inference (``ViQModel``) only ever sees FSQ indices; training also needs the continuous path:
-features that carry gradients through the straight-through quantizer, the quantizer's auxiliary
-loss, the pooled feature distilled towards the teacher, and the drawer's predicted latents. The
-parameter names are those of ``ViQModel`` (``vit.*``, ``head.*``, ``drawer.*``), so an FSQ student
-exports to viq's weights format without renaming; a non-FSQ quantizer only changes the shapes of
-``head.project_in`` / ``head.project_out`` (and adds ``quantizer.*`` for SimVQ).
+Inference only ever sees FSQ indices; training also needs the continuous path: features that carry
+gradients through the straight-through quantizer, the quantizer's auxiliary loss, the pooled feature
+distilled towards the teacher, and the drawer's predicted latents. The student's inference part is
+``ViQModel``'s module tree (``vit.*``, ``head.*``, ``drawer.*``), so export is its ``state_dict()``;
+a non-FSQ quantizer adds a training-only ``bottleneck`` (and ``quantizer.*`` for SimVQ) beside it.
 """
 
 from __future__ import annotations
@@ -53,15 +52,36 @@ def new_vit(cfg: ViTConfig, with_pool: bool, seed: int) -> AnyResViT:
     return vit
 
 
-class Student(nn.Module):
-    """ViT (+ MAP pool) + head with ``quantizer`` (None = no head, stage 1) + optional drawer."""
+class Bottleneck(nn.Module):
+    """Training-only projections around a non-FSQ quantizer (the stage 2-1 proximal bottleneck, SimVQ).
+
+    Its width is the quantizer's, not the FSQ levels' count; inference never sees it."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.project_in = nn.Linear(width, dim)
+        self.project_out = nn.Linear(dim, width)
+
+
+class Student(ViQModel):
+    """The inference ``ViQModel`` (ViT + pool, head, drawer) plus training-only parts.
+
+    Training-only: ``quantizer`` (straight-through, with its auxiliary loss) and, for a non-FSQ
+    quantizer, ``bottleneck`` (its own projections; the head's FSQ projections and code table then
+    sit idle, frozen and out of checkpoints). Without a head (stage 1) the student is the ViT alone.
+    """
 
     def __init__(self, cfg: ViQConfig, quantizer: Optional[nn.Module] = None, *, head: bool = True,
                  pool: bool = True, drawer: bool = False, seed: int = 0):
-        super().__init__()
+        nn.Module.__init__(self)  # the parts are built here, each from its own seed
+        if drawer and not head:
+            raise ConfigError("the drawer reads the head's output: a student without a head has no drawer")
+        pool = pool and cfg.vit.attn_pool
         self.cfg = cfg
-        self.vit = new_vit(cfg.vit, pool and cfg.vit.attn_pool, seed)
-        self.head = self.quantizer = self.drawer = None
+        wanted = {"encoder": head, "decoder": head, "pool": pool, "drawer": drawer}
+        self.parts = tuple(p for p in ALL_PARTS if wanted.get(p, False))
+        self.vit = new_vit(cfg.vit, pool, seed)
+        self.head = self.quantizer = self.bottleneck = self.drawer = None
         if head:
             quantizer = quantizer if quantizer is not None else FSQQuantizer(cfg.head.levels)
             if quantizer.kind == "fsq" and list(quantizer.fsq.levels_list) != list(cfg.head.levels):
@@ -71,18 +91,16 @@ class Student(nn.Module):
                 torch.manual_seed(seed + 1)
                 self.head = ViQHead(cfg.vit.width, cfg.vit.heads, cfg.head)
                 if quantizer.kind != "fsq":
-                    # The bottleneck width is the quantizer's, not the FSQ levels' count.
-                    self.head.project_in = nn.Linear(cfg.vit.width, quantizer.dim)
-                    self.head.project_out = nn.Linear(quantizer.dim, cfg.vit.width)
-                    del self.head.codebook  # the FSQ code table means nothing here
+                    self.bottleneck = Bottleneck(cfg.vit.width, quantizer.dim)
             self.quantizer = quantizer
         if drawer:
-            if not head:
-                raise ConfigError("the drawer reads the head's output: a student without a head has no drawer")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + 2)
                 self.drawer = Drawer(cfg.vit.width, cfg.vit.heads, cfg.drawer)
             self.drawer.vae.requires_grad_(False)
+        if self.bottleneck is not None:
+            for name in ("project_in", "project_out"):
+                getattr(self.head, name).requires_grad_(False)
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -96,6 +114,14 @@ class Student(nn.Module):
     @property
     def has_pool(self) -> bool:
         return self.vit.with_pool
+
+    @property
+    def idle_keys(self) -> tuple[str, ...]:
+        """Inference tensors this student never uses (a bottleneck replaces them): not trained, not saved."""
+        if self.bottleneck is None:
+            return ()
+        return ("head.project_in.weight", "head.project_in.bias", "head.project_out.weight",
+                "head.project_out.bias", "head.codebook")
 
     def set_grad_checkpointing(self, on: bool) -> None:
         self.vit.grad_checkpointing = on
@@ -112,7 +138,8 @@ class Student(nn.Module):
     def decode_pre_affine(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (slots * T, d) -> head output before the LayerNorm-trick affine (T, C)."""
         h = self.head
-        x = h.project_out(codes.to(h.project_out.weight.dtype))
+        project_out = h.project_out if self.bottleneck is None else self.bottleneck.project_out
+        x = project_out(codes.to(project_out.weight.dtype))
         x = h.merge_slots(x.reshape(-1, h.slots * h.width))
         for mlp in h.post_mlps:
             x = mlp(x)
@@ -130,7 +157,8 @@ class Student(nn.Module):
         aux = tokens.new_zeros((), dtype=torch.float32)
         features = tokens
         if self.head is not None:
-            z = self.head.pre_quant(tokens, packing)
+            project_in = self.head.project_in if self.bottleneck is None else self.bottleneck.project_in
+            z = project_in(self.head.slot_features(tokens, packing))
             # Quantization math in float32 whatever the autocast dtype (bf16 cannot hold the levels).
             with torch.autocast(device_type=z.device.type, enabled=False):
                 q = self.quantizer(z.float())
@@ -170,33 +198,33 @@ class Student(nn.Module):
             if head and not head_pre_blocks:
                 self.head.pre_blocks.requires_grad_(False)
             self.quantizer.requires_grad_(head)
+            if self.bottleneck is not None:
+                self.bottleneck.requires_grad_(head)
+                for name in ("project_in", "project_out"):
+                    getattr(self.head, name).requires_grad_(False)  # idle: the bottleneck stands in
         if self.drawer is not None:
             self.drawer.requires_grad_(drawer)
             self.drawer.vae.requires_grad_(False)
 
     # ---- export -------------------------------------------------------------------------------
     def viq_parts(self) -> tuple[str, ...]:
-        parts = []
-        if self.head is not None:
-            parts += ["encoder", "decoder"]
-        if self.has_pool:
-            parts.append("pool")
-        if self.drawer is not None:
-            parts.append("drawer")
-        return tuple(p for p in ALL_PARTS if p in parts)
+        return self.parts
+
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` of the inference part: everything but the training-only modules."""
+        training_only = ("quantizer.", "bottleneck.")
+        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith(training_only)}
 
     def viq_state(self) -> dict[str, torch.Tensor]:
-        """The weights in viq's inference names (``save_viq``'s input); FSQ students only.
-
-        The drawer's VAE holds only the decoder half, as inference does.
-        """
+        """The weights in viq's inference names (``save_viq``'s input); FSQ students only."""
         if self.kind != "fsq":
             raise ConfigError(f"only an FSQ student exports to viq's weights format (this one is {self.kind!r}); "
                               "continue with the FSQ stage (2-2) to get codes")
+        state = self.inference_state()
         with torch.device("meta"):
-            expected = ViQModel(self.cfg, self.viq_parts()).state_dict()
-        own = self.state_dict()
-        missing = [k for k in expected if k not in own]
-        if missing:
-            raise ConfigError(f"the student lacks {len(missing)} inference tensors, e.g. {missing[0]}")
-        return {k: own[k].detach() for k in expected}
+            expected = ViQModel(self.cfg, self.parts).state_dict()
+        if set(state) != set(expected):  # the student's inference part is ViQModel's module tree by construction
+            odd = sorted(set(state) ^ set(expected))
+            raise ConfigError(f"the student's inference part differs from ViQModel's in {len(odd)} tensors, "
+                              f"e.g. {odd[0]}")
+        return state

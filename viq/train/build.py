@@ -164,10 +164,25 @@ def init_tensors(recipe, path: Path) -> tuple[dict[str, torch.Tensor], str, list
     raise ConfigError(f"unknown model.init_format {fmt!r}")
 
 
+def quantizer_projections(tensors: dict[str, torch.Tensor], own) -> dict[str, torch.Tensor]:
+    """The projections around the quantizer under the names the model uses for them.
+
+    They are one role across stages: ``head.project_*`` in an FSQ student, the training-only
+    ``bottleneck.project_*`` beside a non-FSQ quantizer (stage 2-1). A 2-1 -> 2-2 hand-over thus meets
+    them as the same tensors, loaded where the shape still fits and re-initialised (on purpose) where not.
+    """
+    head, bottleneck = "student.head.project_", "student.bottleneck.project_"
+    src, dst = (head, bottleneck) if any(k.startswith(bottleneck) for k in own) else (bottleneck, head)
+    if any(k.startswith(dst) for k in tensors) or not any(k.startswith(src) for k in tensors):
+        return tensors
+    return {dst + k[len(src):] if k.startswith(src) else k: v for k, v in tensors.items()}
+
+
 def apply_init(model: TrainModel, tensors: dict[str, torch.Tensor], reinit_mismatched: bool, source: str, fmt: str,
                notes: list[str]) -> InitReport:
     """Copy matching tensors into the model; shape changes only with ``reinit_mismatched``, reported."""
     own = model.state_dict()
+    tensors = quantizer_projections(tensors, own)
     report = InitReport(source, fmt, notes=list(notes))
     mismatched = []
     with torch.no_grad():

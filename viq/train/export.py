@@ -55,7 +55,8 @@ def step_checkpoint_state(path: Path):
         student.drawer.vae.load_state_dict({k: full[k] for k in student.drawer.vae.state_dict()})
     tensors = {k.removeprefix("student."): v for k, v in c.model.items() if k.startswith("student.")}
     own = student.state_dict()
-    missing = sorted(k for k in own if k not in tensors and not k.startswith("drawer.vae."))
+    missing = sorted(k for k in own if k not in tensors and not k.startswith("drawer.vae.")
+                     and k not in student.idle_keys)
     unexpected = sorted(k for k in tensors if k not in own)
     if missing or unexpected:
         raise KeyMismatchError(str(path / "model.safetensors"), missing, unexpected)

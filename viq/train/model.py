@@ -81,12 +81,15 @@ def distill_images(images, max_res: Optional[int]) -> Optional[torch.Tensor]:
 
 def trained_state(model: TrainModel) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint holds: everything of the model except what is frozen and rebuilt
-    identically from its source (the drawer's VAE, the frozen base LLM under LoRA). Tensors shared
+    identically from its source (the drawer's VAE, the frozen base LLM under LoRA), and the head's
+    FSQ projections a training-only bottleneck stands in for (``Student.idle_keys``). Tensors shared
     under two names (tied embeddings) are stored once."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    student = getattr(model, "student", None)
+    idle = {f"student.{k}" for k in student.idle_keys} if student is not None else set()
     out, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
-        if name.startswith("student.drawer.vae."):
+        if name.startswith("student.drawer.vae.") or name in idle:
             continue
         if name.startswith("mllm.llm.") and name not in trainable:
             continue

@@ -21,7 +21,8 @@ import torch
 from viq.data.conversations import Resize, WordTokenizer
 from viq.errors import ConfigError
 from viq.mllm.collate import BatchPlan, ConversationDataset, collate, placeholder_id
-from viq.train.build import apply_init, build_mllm, build_student, build_target_vae, init_tensors, _arch_vit, _grouped
+from viq.train.build import (apply_init, build_mllm, build_student, build_target_vae, init_tensors,
+                             quantizer_projections, _arch_vit, _grouped)
 from viq.train.evaluate import EvalSpec, evaluate
 from viq.train.losses import CodebookUsage
 from viq.train.model import LossPlan, TrainModel, load_exact, trained_state
@@ -154,6 +155,21 @@ class TokenizerStage(Stage):
     def total_steps(self) -> int:
         return self.steps
 
+    def clip_groups(self):
+        """The trainable parameters in module order, except that a training-only bottleneck's projections
+        stand where the head's idle FSQ projections are: the clipped norm sums in the same order (bit for
+        bit) as when the bottleneck replaced those projections inside the head."""
+        student = self.student
+        if student.bottleneck is None:
+            return super().clip_groups()
+        stand_in = {}
+        for name in ("project_in", "project_out"):
+            for idle, used in zip(getattr(student.head, name).parameters(), getattr(student.bottleneck, name).parameters()):
+                stand_in[id(idle)] = used
+        moved = {id(p) for p in student.bottleneck.parameters()}
+        params = [stand_in.get(id(p), p) for p in self.model.parameters() if id(p) not in moved]
+        return [[p for p in params if p.requires_grad]]
+
     def micro_batches(self, pos, skips):
         for batch, after in iterate(self.train_ds, self.plan, pos, self.recipe.data.num_workers):
             for s in batch.skipped:
@@ -199,7 +215,8 @@ class TokenizerStage(Stage):
         return trained_state(self.model)
 
     def load_tensors(self, tensors, where: str) -> None:
-        load_exact(self.model, tensors, where)
+        # a 2-1 checkpoint written while the bottleneck stood inside the head names it head.project_*
+        load_exact(self.model, quantizer_projections(tensors, self.model.state_dict()), where)
 
     # ---- outputs ----
     def export(self, result) -> Export:
