@@ -40,7 +40,7 @@ def load_offline_run(run: Path, device: str = "cpu") -> OfflineRun:
     from viq.tokenizer import load_tokenizer
     from viq.train.recipe import load_recipe
     from viq.train.setup import eos_id
-    from viq.weights.io import read_tensors
+    from viq.weights.io import copy_named, read_tensors
 
     run = Path(run).expanduser()
     info_file = run / "training.json"
@@ -65,18 +65,8 @@ def load_offline_run(run: Path, device: str = "cpu") -> OfflineRun:
     p = recipe.llm.projector
     projector = Projector(feat_dim, hidden, p.type, p.pool)
     model = PackedMLLM(llm, OfflineImageEncoder(embedder, projector)).to(device)
-    trained = read_tensors(run / "model.safetensors")
-    own = model.state_dict()
-    unknown = [k for k in trained if k not in own]
-    if unknown:
-        raise WeightsError(f"{run / 'model.safetensors'}: {len(unknown)} tensors its recipe does not build, e.g. "
-                           f"{unknown[0]}")
-    with torch.no_grad():
-        for k, v in trained.items():
-            if own[k].shape != v.shape:
-                raise WeightsError(f"{run / 'model.safetensors'}: {k} is {tuple(v.shape)}, the model's "
-                                   f"{tuple(own[k].shape)}")
-            own[k].copy_(v.to(own[k].dtype))
+    copy_named(model.state_dict(), read_tensors(run / "model.safetensors"), str(run / "model.safetensors"),
+               " (its recipe does not build it)")
     model.eval()
     mllm = MLLM(llm, projector, recipe.llm.max_length).eval()
     return OfflineRun(model, mllm, text_tok, recipe.llm.template, eos_id(text_tok, recipe.llm.template),
@@ -93,7 +83,8 @@ def prompt_ids(run: OfflineRun, prompt: str) -> tuple[list[int], list[int]]:
     return enc.input_ids[:first], [p for p in enc.image_positions if p < first]
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Token ids -> text without special tokens (the keyword differs between tokenizer kinds)."""
     try:
         return tokenizer.decode(ids, skip_specials=True)
     except TypeError:
@@ -120,4 +111,4 @@ def caption_store(store_dir, run: OfflineRun, prompt: str = DEFAULT_PROMPT, ids:
         codes = torch.from_numpy(rec.codes).to(device)
         feats, _ = run.model.image_encoder([codes])
         out = run.mllm.generate(prompt_tokens, positions, feats, max_new_tokens, run.eos_id)
-        yield key, _decode(run.tokenizer, out).strip()
+        yield key, decode_text(run.tokenizer, out).strip()

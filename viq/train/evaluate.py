@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from viq.mllm.caption import decode_text
 from viq.mllm.collate import Batch, ConversationDataset, collate
 from viq.mllm.model import MLLM
 from viq.train.losses import CodebookUsage
@@ -27,13 +28,6 @@ class EvalSpec:
 
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    try:
-        return tokenizer.decode(ids, skip_specials=True)
-    except TypeError:
-        return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -146,7 +140,7 @@ def _generate_and_score(mllm: MLLM, batch: Batch, embeds, spec: EvalSpec, sums: 
             continue
         prompt_pos = [p for p in pos if p < first]
         out = mllm.generate(ids[:first], prompt_pos, imgs[:len(prompt_pos)], spec.max_new_tokens, spec.eos_id)
-        got = parse_caption(_decode(spec.tokenizer, out))
+        got = parse_caption(decode_text(spec.tokenizer, out))
         sums["attr_samples"] += 1
         for a in ATTRIBUTES:
             sums[f"attr_{a}"] += float(got is not None and getattr(got, a) == meta[a])

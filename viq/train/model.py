@@ -12,6 +12,7 @@ from viq.mllm.collate import Batch
 from viq.mllm.model import MLLM
 from viq.model.student import Student
 from viq.train.losses import distill_loss, latent_mse, weighted_total
+from viq.train.stage import check_exact
 
 
 @dataclass
@@ -105,14 +106,7 @@ def trained_state(model: TrainModel) -> dict[str, torch.Tensor]:
 def load_exact(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Resume: every checkpointed tensor must exist with its shape, and every trained one be present."""
     expected = trained_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        from viq.errors import KeyMismatchError
-
-        raise KeyMismatchError(f"{where} (resume)", missing, unexpected,
-                               [f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}" for k in wrong])
+    check_exact(expected, tensors, where)
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(tensors[k].to(t.dtype))

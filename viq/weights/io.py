@@ -58,6 +58,19 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def copy_named(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str, why: str = "") -> None:
+    """Copy ``tensors`` into a model's ``state_dict()`` by name: a subset may be given (the rest keeps its
+    values), but a name the model lacks or a shape it does not have is an error naming the tensor."""
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise WeightsError(f"{where}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}{why}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if own[k].shape != v.shape:
+                raise WeightsError(f"{where}: {k} is {tuple(v.shape)}, the model's {tuple(own[k].shape)}")
+            own[k].copy_(v.to(own[k].dtype))
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> int:
     """Atomic safetensors write; returns the bytes written."""
     from safetensors.torch import save_file

@@ -204,23 +204,15 @@ class OfflineStage(Stage):
 
     def _init_from(self, run: Path) -> None:
         """Projector / LoRA / LLM tensors from an earlier offline run, by name; a shape change is an error."""
-        from viq.weights.io import read_tensors
+        from viq.weights.io import copy_named, read_tensors
 
         f = run / "model.safetensors" if run.is_dir() else run
         if not f.is_file():
             raise WeightsError(f"llm.init_from {run}: no model.safetensors (train that offline run first)")
         tensors = read_tensors(f)
-        own = self.model.state_dict()
         wanted = self.state_tensors()
-        unknown = [k for k in tensors if k not in own]
-        if unknown:
-            raise WeightsError(f"llm.init_from {f}: {len(unknown)} tensors this model does not have, e.g. "
-                               f"{unknown[0]} (a different LLM, projector or LoRA setting)")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if own[k].shape != v.shape:
-                    raise WeightsError(f"llm.init_from {f}: {k} is {tuple(v.shape)}, here {tuple(own[k].shape)}")
-                own[k].copy_(v.to(own[k].dtype))
+        copy_named(self.model.state_dict(), tensors, f"llm.init_from {f}",
+                   " (a different LLM, projector or LoRA setting)")
         log.info("llm.init_from %s: %d tensors loaded (%d trained here start fresh)", f, len(tensors),
                  len([k for k in wanted if k not in tensors]))
 
