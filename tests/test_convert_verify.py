@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, fixture_config, reference_dir_with_config
+from conftest import FIXTURES, fixture_config, reference_dir_with_config, reseal
 from viq.errors import ConfigError, KeyMismatchError, WeightsError
 from viq.tokenizer import load_tokenizer
 from viq.train.export import convert_step
@@ -169,16 +169,6 @@ def test_verify_catches_a_codebook_that_is_not_fsq(converted, tmp_path):
         assert p.returncode == 1, p.stdout + p.stderr  # a failed check of the weights, not a usage error
         assert says in p.stdout
 
-
-def reseal(folder):
-    """Record the current sha256 of every part in config.json (a hand-edited but consistent folder)."""
-    from viq.weights.io import sha256_file
-
-    meta = json.loads((folder / "config.json").read_text())
-    for entry in meta["parts"].values():
-        entry["sha256"] = sha256_file(folder / entry["file"])
-        entry["bytes"] = (folder / entry["file"]).stat().st_size
-    (folder / "config.json").write_text(json.dumps(meta))
 
 
 def test_convert_cli_json_summary(tmp_path):

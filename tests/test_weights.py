@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FIXTURES, fixture_config, reference_dir_with_config
+from conftest import FIXTURES, fixture_config, reference_dir_with_config, reseal
 from viq.config import giant_config, so400m_config
 from viq.errors import KeyMismatchError, WeightsError
 from viq.tokenizer import load_tokenizer
@@ -114,16 +114,6 @@ def test_viq_format_round_trip_and_strictness(tmp_path):
     with pytest.raises(KeyMismatchError, match="head.post_shift"):
         load_tokenizer(out, parts=("decoder",), device="cpu")
 
-
-def reseal(folder):
-    """Record the current sha256 of every part in config.json (a hand-edited but consistent folder)."""
-    from viq.weights.io import sha256_file
-
-    meta = json.loads((folder / "config.json").read_text())
-    for entry in meta["parts"].values():
-        entry["sha256"] = sha256_file(folder / entry["file"])
-        entry["bytes"] = (folder / entry["file"]).stat().st_size
-    (folder / "config.json").write_text(json.dumps(meta))
 
 
 def test_viq_config_beside_reference_files_names_their_architecture(tmp_path):
