@@ -1,5 +1,6 @@
 """viq.images: safe decoding to RGB, the resize policies, and the pixel formula."""
 
+import os
 import io
 import math
 import struct
@@ -150,7 +151,7 @@ def test_permission_denied(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("viq.images.open", refuse, raising=False)
+    monkeypatch.setattr("viq.sources.base.os.open", refuse)  # the one opener of image files
     expect_error(path, "permission")
 
 
@@ -318,3 +319,10 @@ def test_shipped_examples_are_small_licensed_photos():
         assert f.stat().st_size < 60_000 and f.name in licenses
         sizes.add(load_rgb(f).size)
     assert len(sizes) == len(files)
+
+
+def test_a_fifo_path_fails_at_once_instead_of_blocking(tmp_path):
+    """load_rgb shares encode's opener: a FIFO named like an image is refused, not read (which would hang)."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    expect_error(fifo, "not a regular file")

@@ -62,22 +62,12 @@ def load_rgb(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             raise _error(name, "empty file")
         return _decode(io.BytesIO(data), name, max_pixels)
     name = name or os.fspath(source)
-    try:
-        fp = open(source, "rb")
-    except FileNotFoundError:
-        raise _error(name, "no such file") from None
-    except IsADirectoryError:
-        raise _error(name, "is a directory, not an image file") from None
-    except PermissionError:
-        raise _error(name, "permission denied") from None
-    except OSError as e:
-        raise _error(name, f"cannot read ({e.strerror or e})") from None
+    from viq.sources.base import open_regular  # regular files only: a FIFO or device never blocks a read
+
+    fp, size = open_regular(source, name)
     with fp:
-        try:
-            if os.fstat(fp.fileno()).st_size == 0:
-                raise _error(name, "empty file")
-        except OSError as e:
-            raise _error(name, f"cannot read ({e.strerror or e})") from None
+        if size == 0:
+            raise _error(name, "empty file")
         return _decode(fp, name, max_pixels)
 
 
