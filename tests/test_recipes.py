@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from viq.config import FSQ_PRESETS, ViQConfig
+from viq.config import FSQ_PRESETS, ViQConfig, preset_config
 from viq.errors import RecipeError
 from viq.train.recipe import Recipe, list_stages, load_recipe, parse_override
 
@@ -26,8 +26,10 @@ def test_recipes_exist():
 def test_every_recipe_and_stage_validates(name, stage, tmp_path):
     recipe = load_recipe(RECIPES / name, stage)
     assert recipe.run.stage == stage
-    cfg = recipe.viq_config()
-    assert isinstance(cfg, ViQConfig)
+    # one architecture schema: model: is the ViQConfig that config.json stores, named after the run
+    assert type(recipe.model) is ViQConfig and Recipe.model_fields["model"].annotation is ViQConfig
+    assert ViQConfig.model_validate_json(recipe.model.model_dump_json()) == recipe.model
+    assert recipe.model.name == recipe.run.name
     # --print-config output loads back to the same recipe
     (tmp_path / "resolved.yaml").write_text(recipe.to_yaml())
     assert load_recipe(tmp_path / "resolved.yaml") == recipe
@@ -36,9 +38,10 @@ def test_every_recipe_and_stage_validates(name, stage, tmp_path):
 @pytest.mark.parametrize("size", ["2k", "4k", "8k", "16k", "64k"])
 def test_released_recipes_per_size(size):
     r = load_recipe(RECIPES / f"fsq{size}.yaml")
-    assert r.viq_config().head.levels == FSQ_PRESETS[size]
-    assert r.head.quantizer.codebook == math.prod(FSQ_PRESETS[size])
-    assert r.viq_config().vit.width == 1536 and r.viq_config().vit.depth == 40
+    assert r.model.head.levels == FSQ_PRESETS[size] and r.quantizer.type == "fsq"
+    assert r.model.head.codebook_size == math.prod(FSQ_PRESETS[size])
+    assert r.model.vit.width == 1536 and r.model.vit.depth == 40
+    assert r.model.model_dump(exclude={"name"}) == preset_config("giant", size).model_dump(exclude={"name"})
     # the values of the reference's example.sh
     assert (r.optim.lr, r.optim.weight_decay, r.optim.grad_accum) == (1e-4, 1e-4, 2)
     assert (r.optim.schedule.warmup_ratio, r.optim.schedule.min_lr_ratio) == (0.05, 0.1)
@@ -46,25 +49,38 @@ def test_released_recipes_per_size(size):
     assert (r.llm.lora.r, r.llm.lora.alpha, r.llm.lora.dora) == (64, 16, True)
     assert r.losses.cls_distill.weight == 10 and r.losses.rec_latent_mse == 1.0
     # the released stage-1 ViT, by its `viqctl download` name (resolved at train time: test_weight_paths.py)
-    assert r.model.init_ckpt == "viq-anyres-vit-g" and r.teacher.ckpt == "siglip2-g"
+    assert r.init.ckpt == "viq-anyres-vit-g" and r.teacher.ckpt == "siglip2-g"
 
 
 def test_stages_follow_the_paper():
     s1, s21, s22 = (load_recipe(RECIPES / "viq-stages.yaml", s) for s in ("1", "2-1", "2-2"))
-    assert s1.head is None and not s1.decoder.enabled and s1.model.init_format == "siglip2_openclip"
-    q = s21.head.quantizer
-    assert (q.type, q.limit, q.levels) == ("passthrough", "l_infinite", None)
-    assert s22.head.quantizer.type == "fsq" and s22.model.reinit_mismatched
+    assert s1.quantizer is None and not s1.decoder.enabled and s1.init.format == "siglip2_openclip"
+    assert s1.freeze.vit_mlp_and_norm and not s1.freeze.vit
+    q = s21.quantizer
+    assert (q.type, q.limit, q.bottleneck_dim, s21.model.head.fsq_blocks) == ("passthrough", "l_infinite", 32, 0)
+    assert s22.quantizer.type == "fsq" and s22.init.reinit_mismatched and s22.freeze.vit
+    assert s22.model.head.fsq_blocks == 3 and s1.model.vit == s21.model.vit == s22.model.vit
     assert s22.init_path == Path("runs/viq-stages/2-1") and s22.out_dir == Path("runs/viq-stages/2-2")
 
 
 def test_tiny_recipe_is_tiny():
     r = load_recipe(RECIPES / "tiny.yaml")
-    cfg = r.viq_config()
+    cfg = r.model
     assert cfg.vit.width == 64 and r.llm.tiny is not None and r.runtime.precision == "fp32"
     kw = r.llm.tiny.qwen2_kwargs(vocab_size=50, max_length=r.llm.max_length)
     assert kw["vocab_size"] == 50 and kw["hidden_size"] == 64
-    assert load_recipe(RECIPES / "tiny.yaml", overrides=["model.vit.width=96"]).viq_config().vit.width == 96
+    wide = load_recipe(RECIPES / "tiny.yaml", overrides=["model.vit.width=96"]).model
+    assert wide.vit.width == 96 and wide.vit.mlp_hidden == 4 * 96  # the tiny preset's derived widths follow
+    assert load_recipe(RECIPES / "tiny.yaml", overrides=["model.vit.mlp_hidden=100"]).model.vit.mlp_hidden == 100
+
+
+def test_model_arch_names_a_preset_the_other_keys_override(tmp_path):
+    r = load_recipe(_write(tmp_path, MINIMAL + "model: {arch: so400m, head: {levels: 2k}}\n"))
+    assert r.model.vit.width == 1152 and r.model.head.levels == FSQ_PRESETS["2k"] and r.model.name == "viq"
+    with pytest.raises(RecipeError, match="unknown preset 'giantt'; choose one of giant, so400m, tiny"):
+        load_recipe(_write(tmp_path, MINIMAL + "model: {arch: giantt}\n"))
+    named = load_recipe(_write(tmp_path, MINIMAL + "run: {name: mine}\nmodel: {arch: tiny, name: other}\n"))
+    assert named.model.name == "other"
 
 
 def _write(tmp_path, text, name="r.yaml"):
@@ -84,8 +100,10 @@ optim: {max_steps: 10}
 @pytest.mark.parametrize("text,key,nearest", [
     ("optim: {lrr: 1.0e-4, max_steps: 1}", "optim.lrr", "optim.lr"),
     ("optimm: {lr: 1}", "optimm", "optim"),
-    ("head: {quantizer: {levles: [8, 8]}}", "head.quantizer.levles", "head.quantizer.levels"),
+    ("model: {head: {levles: [8, 8]}}", "model.head.levles", "model.head.levels"),
     ("model: {vit: {widht: 32}}", "model.vit.widht", "model.vit.width"),
+    ("init: {ckpts: x}", "init.ckpts", "init.ckpt"),
+    ("freeze: {vits: true}", "freeze.vits", "freeze.vit"),
     ("stagse: {}", "stagse", "stages"),
 ])
 def test_typo_names_key_and_nearest(tmp_path, text, key, nearest):
@@ -105,23 +123,23 @@ def test_typo_in_override_and_several_problems_listed(tmp_path):
 
 def test_dotted_overrides(tmp_path):
     r = load_recipe(_write(tmp_path, MINIMAL), overrides=[
-        "optim.lr=3e-4", "head.quantizer.levels=[8,8,8,5,5]", "runtime.precision=fp16",
+        "optim.lr=3e-4", "model.head.levels=[8,8,8,5,5]", "runtime.precision=fp16",
         "optim.betas=[0.5, 0.9]", "paths.root=/other", "run.name=x"])
     assert r.optim.lr == pytest.approx(3e-4) and isinstance(r.optim.lr, float)
-    assert r.head.quantizer.levels == [8, 8, 8, 5, 5] and r.viq_config().head.levels == [8, 8, 8, 5, 5]
+    assert r.model.head.levels == [8, 8, 8, 5, 5]
     assert r.runtime.precision == "fp16" and r.optim.betas == (0.5, 0.9)
     assert r.data.path == "/other/train.jsonl"  # variables resolve after overrides
-    assert load_recipe(_write(tmp_path, MINIMAL), overrides=["head.quantizer.levels=2k"]).head.quantizer.levels \
+    assert load_recipe(_write(tmp_path, MINIMAL), overrides=["model.head.levels=2k"]).model.head.levels \
         == FSQ_PRESETS["2k"]
     assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
     with pytest.raises(RecipeError, match="key.path=value"):
         load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.lr"])
     with pytest.raises(RecipeError, match="optim.max_steps is a value"):
         load_recipe(_write(tmp_path, MINIMAL), overrides=["optim.max_steps.x=1"])
-    with pytest.raises(RecipeError, match="head is null here"):  # stage 1 has no head: no silent revival
-        load_recipe(RECIPES / "tiny.yaml", "1", ["head.pre_blocks=2"])
+    with pytest.raises(RecipeError, match="quantizer is null here"):  # stage 1 has no head: no silent revival
+        load_recipe(RECIPES / "tiny.yaml", "1", ["quantizer.limit=l2"])
     # ... while the same override on a later stage still works (its hand-over check resolves stage 1)
-    assert load_recipe(RECIPES / "tiny.yaml", "2-1", ["head.pre_blocks=2"]).head.pre_blocks == 2
+    assert load_recipe(RECIPES / "tiny.yaml", "2-1", ["quantizer.limit=l2"]).quantizer.limit == "l2"
 
 
 def test_floats_without_dot_in_yaml(tmp_path):
@@ -137,9 +155,9 @@ def test_unknown_stage_lists_stages():
 
 def test_variables(tmp_path):
     text = MINIMAL.replace("paths: {root: /data}", "paths: {root: /data, models: '${root}/m'}") + \
-        "model: {init_ckpt: '${models}/vit.pth'}\n"
-    assert load_recipe(_write(tmp_path, text)).model.init_ckpt == "/data/m/vit.pth"
-    typo = r"model.init_ckpt: unknown variable \$\{modles\}; did you mean \$\{models\}"
+        "init: {ckpt: '${models}/vit.pth'}\n"
+    assert load_recipe(_write(tmp_path, text)).init.ckpt == "/data/m/vit.pth"
+    typo = r"init.ckpt: unknown variable \$\{modles\}; did you mean \$\{models\}"
     with pytest.raises(RecipeError, match=typo):
         load_recipe(_write(tmp_path, text.replace("${models}/vit", "${modles}/vit")))
     with pytest.raises(RecipeError, match="loop"):
@@ -147,14 +165,17 @@ def test_variables(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("head.quantizer.levels=null", "type fsq needs levels"),
-    ("head.quantizer.type=passthrough", "set levels: null for passthrough"),
-    ("head.quantizer={type: passthrough, levels: null, bottleneck_dim: 32}", "passthrough needs a limit"),
-    ("head.quantizer={type: simvq, levels: null, bottleneck_dim: 32}", "simvq needs codebook_size"),
-    ("head.quantizer.limit=l2", "limit does not apply to fsq"),
+    ("model.head.levels=null", "model.head.levels: Input should be a valid list"),
+    ("model.head.levels=[8,1]", "FSQ levels must be integers >= 2"),
+    ("quantizer.type=passthrough", "passthrough needs bottleneck_dim"),
+    ("quantizer={type: passthrough, bottleneck_dim: 32}", "passthrough needs a limit"),
+    ("quantizer={type: simvq, bottleneck_dim: 32}", "simvq needs codebook_size"),
+    ("quantizer.limit=l2", "limit does not apply to fsq"),
+    ("init={ckpt: a, stage: b}", "set init.ckpt or init.stage, not both"),
+    ("model.pixel_decoder={}", "model.pixel_decoder is only trained by run.task decoder"),
     ("teacher.enabled=false", "losses.cls_distill needs teacher.enabled"),
     ("losses.rec_latent_mse=1.0", "rec_latent_mse > 0 needs decoder.enabled"),
-    ("head=null", "cls_distill.source: vit"),
+    ("quantizer=null", "cls_distill.source: vit"),
     ("llm=null", "lm_ce > 0 needs an llm"),
     ("optim.epochs=1", "exactly one of optim.max_steps or optim.epochs"),
     ("data.default_resize.patch=16", "multiple of 32"),
@@ -183,8 +204,11 @@ def test_keys_a_task_does_not_read_are_refused(recipe, stage, override):
 
 def test_handover_needs_reinit(tmp_path):
     with pytest.raises(RecipeError, match="reinit_mismatched"):
-        load_recipe(RECIPES / "tiny.yaml", "2-2", ["model.reinit_mismatched=false"])
-    text = MINIMAL + "stages:\n  a: {model: {init_stage: b}}\n"
+        load_recipe(RECIPES / "tiny.yaml", "2-2", ["init.reinit_mismatched=false"])
+    deeper = MINIMAL + "stages:\n  a: {}\n  b: {init: {stage: a}, model: {vit: {depth: 3}}}\n"
+    with pytest.raises(RecipeError, match="ViT architecture"):
+        load_recipe(_write(tmp_path, deeper), "b")
+    text = MINIMAL + "stages:\n  a: {init: {stage: b}}\n"
     with pytest.raises(RecipeError, match="not a stage"):
         load_recipe(_write(tmp_path, text), "a")
 

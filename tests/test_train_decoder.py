@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from viq.config import tiny_config
 from viq.data import make_shapes_dataset
 from viq.demo import random_model_dir
 from viq.tokenizer import load_tokenizer
@@ -19,7 +18,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-decoder.yaml"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder-stage")
-    random_model_dir(root / "tok", tiny_config("16k"), seed=0)
+    random_model_dir(root / "tok", load_recipe(RECIPE).model, seed=0)  # the tokenizer the recipe describes
     # small images: 32x32 after the area-keeping resize (2x2 patch grids) keep CPU steps fast
     make_shapes_dataset(root / "shapes", n_train=8, n_val=3, seed=1, min_side=32, max_side=64, resize="32x16")
     return root
@@ -81,3 +80,15 @@ def test_resume_is_exact(world):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+def test_model_must_describe_the_frozen_tokenizer(world):
+    """model: is checked against init.ckpt's config.json: a recipe cannot silently train against another model."""
+    from viq.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        train(recipe_for(world, "wrong", "optim.max_steps=1", "model.head.levels=16k", "model.vit.depth=3"))
+    msg = str(e.value)
+    assert "model.head.levels: recipe [8, 8, 8, 6, 5], checkpoint [8, 8, 4, 4, 4]" in msg
+    assert "model.vit.depth: recipe 3, checkpoint 2" in msg and str(world / "tok") in msg
+    assert not (world / "wrong").exists() or not any((world / "wrong").rglob("*.safetensors"))

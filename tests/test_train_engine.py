@@ -41,6 +41,8 @@ def world(tmp_path_factory):
     make_shapes_dataset(root / "shapes", n_train=8, n_val=2, seed=3, min_side=32, max_side=32, resize="32x16")
     same_text(root / "shapes")
     random_model_dir(root / "models" / "viq-tiny", tiny_config("16k"), seed=0)
+    # the decoder stage's tokenizer: the architecture tiny-decoder.yaml describes (tiny.yaml's)
+    random_model_dir(root / "models" / "tiny-tokenizer", load_recipe(RECIPES / "tiny-decoder.yaml").model, seed=0)
     make_shapes_dataset(root / "coded", n_train=8, n_val=2, seed=4, min_side=32, max_side=32, resize=None)
     same_text(root / "coded")
     tok = load_tokenizer(root / "models" / "viq-tiny", parts=("encoder",), device="cpu")
@@ -52,12 +54,12 @@ def world(tmp_path_factory):
 def tokenizer_recipe(root, out, *extra):
     return load_recipe(RECIPES / "tiny.yaml", None, [
         f"paths.data={root / 'shapes'}", f"run.output_dir={root / out}", "data.val_path=null",
-        "runtime.eval_every=null", "head.token_shuffle=false", "data.num_workers=0", *SGD, *extra])
+        "runtime.eval_every=null", "model.head.slots=1", "data.num_workers=0", *SGD, *extra])
 
 
 def decoder_recipe(root, out, *extra):
     return load_recipe(RECIPES / "tiny-decoder.yaml", None, [
-        f"paths.data={root / 'shapes'}", f"paths.tokenizer={root / 'models' / 'viq-tiny'}",
+        f"paths.data={root / 'shapes'}", f"paths.tokenizer={root / 'models' / 'tiny-tokenizer'}",
         f"run.output_dir={root / out}", "data.val_path=null", "decoder.lpips.enabled=false",
         "decoder.gan.enabled=false", "decoder.repa.enabled=false", *SGD, *extra])
 

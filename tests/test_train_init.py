@@ -16,16 +16,16 @@ TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
 def recipe(tmp_path, ckpt, fmt="auto"):
-    return load_recipe(TINY, None, [f"paths.data={tmp_path}", f"model.init_ckpt={ckpt}", f"model.init_format={fmt}"])
+    return load_recipe(TINY, None, [f"paths.data={tmp_path}", f"init.ckpt={ckpt}", f"init.format={fmt}"])
 
 
 def fresh_model(r):
-    return TrainModel(build_student(r, r.viq_config()), None, LossPlan({}, None, False, False, True))
+    return TrainModel(build_student(r, r.model), None, LossPlan({}, None, False, False, True))
 
 
 def test_siglip2_openclip_checkpoint(tmp_path):
     r = recipe(tmp_path, tmp_path / "oc.bin")
-    vit = r.viq_config().vit
+    vit = r.model.vit
     src = new_vit(ViTConfig(**{**vit.model_dump(), "pos_grid": 6}), True, seed=9)
     torch.save({**{f"visual.trunk.{k}": v for k, v in src.state_dict().items()}, "logit_scale": torch.ones(())},
                tmp_path / "oc.bin")
@@ -67,7 +67,7 @@ def test_reference_training_layout(tmp_path):
 def test_viq_weights_directory(tmp_path):
     r = recipe(tmp_path, tmp_path / "viq")
     donor = fresh_model(r)
-    save_viq(donor.student.viq_state(), r.viq_config(), tmp_path / "viq")
+    save_viq(donor.student.viq_state(), r.model, tmp_path / "viq")
     assert detect_format(tmp_path / "viq") == "viq"
     tensors, fmt, notes = init_tensors(r, tmp_path / "viq")
     model = fresh_model(r)

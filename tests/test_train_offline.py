@@ -136,3 +136,11 @@ def test_chaining_and_captions(world):
     p = subprocess.run([sys.executable, "-m", "viqctl", "caption", str(world / "data" / "codes"), "--mllm",
                         str(world / "data")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "not a finished offline MLLM run" in p.stderr
+
+
+def test_model_must_be_the_embedders_architecture(world):
+    """The recipe's model: is checked against init.ckpt's config.json (a 4k recipe on a 16k embedder)."""
+    from viq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.head.levels: recipe \[8, 8, 4, 4, 4\], checkpoint \[8, 8, 8, 6, 5\]"):
+        train(recipe_for(world, "wrong-arch", "optim.max_steps=1", "model.head.levels=4k"))

@@ -88,7 +88,7 @@ def test_mismatched_shapes_need_reinit_on_purpose(staged):
     from viq.train.run import build_student
 
     recipe = tiny(root, "2-2")
-    model = TrainModel(build_student(recipe, recipe.viq_config()), None, LossPlan({}, None, False, False, True))
+    model = TrainModel(build_student(recipe, recipe.model), None, LossPlan({}, None, False, False, True))
     tensors = {k: v for k, v in load_file(root / "runs" / "2-1" / "model.safetensors").items()
                if k.startswith("student.")}
     with pytest.raises(WeightsError, match="reinit_mismatched"):
@@ -115,3 +115,15 @@ def test_progress_events(staged):
     step = next(e for e in events if e.kind == "step")
     assert step.total == 2 and len(step.sample_indices) == 4 and "loss" in step.metrics
     assert any(e.kind == "eval" and e.metrics["label"] == "initial" for e in events)
+
+
+def test_exported_config_is_the_recipes_model(staged):
+    """One architecture schema: config.json of the exported model holds exactly the recipe's model: section."""
+    import json
+
+    root, results, _ = staged
+    for stage in ("2-2", "base"):
+        stored = json.loads((results[stage].viq_dir / "config.json").read_text())["model"]
+        recipe = tiny(root, None if stage == "base" else stage)
+        assert stored == recipe.model.model_dump(mode="json")
+        assert stored["head"]["levels"] == [8, 8, 4, 4, 4] and stored["head"]["pre_blocks"] == 1

@@ -34,15 +34,15 @@ def test_shipped_recipe_names_resolve_to_downloaded_files(tmp_path):
     models = tmp_path / "models"
     fake_download(models)
     recipe = load_recipe(RECIPES / "fsq16k.yaml", overrides=[f"paths.models={models}"])
-    assert recipe.teacher.ckpt == "siglip2-g" and recipe.model.init_ckpt == "viq-anyres-vit-g"
+    assert recipe.teacher.ckpt == "siglip2-g" and recipe.init.ckpt == "viq-anyres-vit-g"
     got = resolve_recipe_weights(recipe)
     assert got.teacher.ckpt == str(models / "siglip2_g_384_16" / "open_clip_model.safetensors")
-    assert got.model.init_ckpt == str(models / "ViQ_weights/anyres_vit/giant1b/siglip2_g_anyres_s4.pth")
+    assert got.init.ckpt == str(models / "ViQ_weights/anyres_vit/giant1b/siglip2_g_anyres_s4.pth")
     assert got.decoder.vae_path == str(models / "Qwen-Image" / "vae")
     assert got.llm.name_or_path == str(models / "Qwen2.5-0.5B")
     assert recipe.teacher.ckpt == "siglip2-g"  # the original is left alone
     stage1 = resolve_recipe_weights(load_recipe(RECIPES / "viq-stages.yaml", "1", [f"paths.models={models}"]))
-    assert stage1.model.init_ckpt.endswith("open_clip_model.safetensors")
+    assert stage1.init.ckpt.endswith("open_clip_model.safetensors")
 
 
 def test_paths_and_stand_ins_pass_through_and_missing_downloads_say_what_to_run(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from viq.errors import ConfigError
 
@@ -89,9 +89,21 @@ class HeadConfig(_Strict):
     rope: RopeConfig = Field(default_factory=RopeConfig)
     residual_mlps: int = 3
 
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _size_name(cls, v):
+        if isinstance(v, str):  # a preset size such as "16k"
+            if v not in FSQ_PRESETS:
+                raise ValueError(f"unknown FSQ size {v!r}; choose one of {', '.join(FSQ_PRESETS)} or give a list")
+            return list(FSQ_PRESETS[v])
+        return v
+
     @model_validator(mode="after")
     def _check(self):
-        fsq_levels(self.levels)
+        try:
+            fsq_levels(self.levels)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if self.fsq_attn_dim % 2:
             raise ValueError("head.fsq_attn_dim must be even (RoPE pairs channels)")
         return self
@@ -169,7 +181,12 @@ class PixelDecoderConfig(_Strict):
 
 
 class ViQConfig(_Strict):
-    """A whole ViQ model. ``name`` is informational (preset or run name)."""
+    """A whole ViQ model. ``name`` is informational (preset or run name).
+
+    The one architecture schema: ``config.json`` stores it and a recipe's ``model:`` section is it.
+    Input may name a preset under ``arch`` (giant, so400m, tiny) and override any field of it; ``arch``
+    is read here and not stored, so a dumped config is complete on its own.
+    """
 
     name: str = "viq"
     vit: ViTConfig = Field(default_factory=ViTConfig)
@@ -177,6 +194,23 @@ class ViQConfig(_Strict):
     drawer: DrawerConfig = Field(default_factory=DrawerConfig)
     #: the lightweight pixel decoder of the decoder stage (None until one is trained).
     pixel_decoder: Optional[PixelDecoderConfig] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if not isinstance(data, dict) or "arch" not in data:
+            return data
+        over = {k: v for k, v in data.items() if k != "arch"}
+        vit = over.get("vit") if isinstance(over.get("vit"), dict) else {}
+        # the tiny preset derives MLP, FSQ-attention and GroupNorm widths from these four
+        dims = {k: vit[k] for k in ("width", "depth", "heads", "pos_grid") if k in vit} if data["arch"] == "tiny" else {}
+        try:
+            base = ARCH_PRESETS[data["arch"]](**dims).model_dump()
+        except KeyError:
+            raise ValueError(f"arch: unknown preset {data['arch']!r}; choose one of {', '.join(ARCH_PRESETS)}") from None
+        except TypeError:
+            raise ValueError(f"arch: a preset name ({', '.join(ARCH_PRESETS)}), got {data['arch']!r}") from None
+        return merge_over(base, over)
 
     @property
     def width(self) -> int:
@@ -186,6 +220,13 @@ class ViQConfig(_Strict):
         cfg = self.model_copy(deep=True)
         cfg.head.levels = fsq_levels(levels)
         return cfg
+
+
+def merge_over(base, over):
+    """``over`` on top of ``base``: mappings merge key by key; anything else (lists, scalars, null) replaces."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    return {**base, **{k: merge_over(base[k], v) if k in base else v for k, v in over.items()}}
 
 
 def giant_config(size: str = "16k") -> ViQConfig:

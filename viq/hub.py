@@ -71,7 +71,7 @@ _QWEN = {"0.5b": ("0.5B", 988_000_000), "1.5b": ("1.5B", 3_090_000_000),
 
 
 def _known_models() -> dict[str, ModelEntry]:
-    stage1 = ("name it in a recipe (teacher.ckpt, or stage 1's model.init_ckpt); training resizes its "
+    stage1 = ("name it in a recipe (teacher.ckpt, or stage 1's init.ckpt); training resizes its "
               "24x24 position grid to the student's 128x128 when it loads it")
     entries = [
         ModelEntry("siglip2-so400m", "timm/ViT-SO400M-16-SigLIP2-384", "siglip2_so400m_384_16", _OPEN_CLIP,

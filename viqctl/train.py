@@ -14,7 +14,7 @@ from viqctl.console import cli_errors, err, out, print_json
 
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4 "
-                                                              "head.quantizer.levels=[8,8,8,6,5]."),
+                                                              "model.head.levels=[8,8,8,6,5]."),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="A YAML recipe: a path, or a shipped recipe's name "
                                  "such as fsq16k.yaml (`viqctl recipes` lists them)."),
     stage: Optional[str] = typer.Option(None, "--stage", "-s", help="A stage of the recipe (e.g. 1, 2-1, 2-2)."),

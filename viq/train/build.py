@@ -31,7 +31,7 @@ class InitReport:
     source: str
     format: str
     loaded: int = 0
-    #: shape changed between checkpoint and model: re-initialised on purpose (model.reinit_mismatched)
+    #: shape changed between checkpoint and model: re-initialised on purpose (init.reinit_mismatched)
     reinitialised: list[str] = field(default_factory=list)
     #: in the model, absent from the checkpoint: start fresh
     fresh: list[str] = field(default_factory=list)
@@ -76,13 +76,13 @@ def build_target_vae(recipe, cfg: ViQConfig, seed: int) -> tuple[nn.Module, ViQC
 
 
 def build_student(recipe, cfg: ViQConfig) -> Student:
-    head = recipe.head
+    q = recipe.quantizer
     quantizer = None
-    if head is not None:
-        q = head.quantizer
-        quantizer = build_quantizer(q.type, levels=q.levels, dim=q.bottleneck_dim, codebook_size=q.codebook_size,
+    if q is not None:
+        levels = cfg.head.levels if q.type == "fsq" else None
+        quantizer = build_quantizer(q.type, levels=levels, dim=q.bottleneck_dim, codebook_size=q.codebook_size,
                                     limit=q.limit, seed=recipe.run.seed + 4)
-    return Student(cfg, quantizer, head=head is not None, pool=recipe.losses.cls_distill.enabled,
+    return Student(cfg, quantizer, head=q is not None, pool=recipe.losses.cls_distill.enabled,
                    drawer=recipe.decoder.enabled, seed=recipe.run.seed)
 
 
@@ -130,16 +130,16 @@ def init_tensors(recipe, path: Path) -> tuple[dict[str, torch.Tensor], str, list
     from viq.weights.convert import adapt_shapes, is_training_layout, strip_training_layout
     from viq.weights.formats import load_state, map_reference
 
-    fmt = "training" if recipe.model.init_stage else recipe.model.init_format
+    fmt = "training" if recipe.init.stage else recipe.init.format
     if not path.exists():
-        hint = " (run that stage first)" if recipe.model.init_stage else ""
+        hint = " (run that stage first)" if recipe.init.stage else ""
         raise WeightsError(f"the starting checkpoint {path} does not exist{hint}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "training":
         f = path / STATE_FILE if path.is_dir() else path
         return read_tensors(f), fmt, []
-    cfg = recipe.viq_config()
+    cfg = recipe.model
     if fmt == "siglip2_openclip":
         state, notes = trunk_to_vit(trunk_tensors(read_tensors(path)), cfg.vit, True)
         return {f"student.vit.{k}": v for k, v in state.items()}, fmt, notes
@@ -161,7 +161,7 @@ def init_tensors(recipe, path: Path) -> tuple[dict[str, torch.Tensor], str, list
         except WeightsError:
             _, state, report = load_state(path, parts=("encoder", "decoder"))
         return {f"student.{k}": v for k, v in state.items()}, fmt, list(report.notes)
-    raise ConfigError(f"unknown model.init_format {fmt!r}")
+    raise ConfigError(f"unknown init.format {fmt!r}")
 
 
 def quantizer_projections(tensors: dict[str, torch.Tensor], own) -> dict[str, torch.Tensor]:
@@ -196,7 +196,7 @@ def apply_init(model: TrainModel, tensors: dict[str, torch.Tensor], reinit_misma
                 report.loaded += 1
     if mismatched and not reinit_mismatched:
         raise WeightsError(f"{source}: {len(mismatched)} tensors change shape ({', '.join(mismatched[:4])}); set "
-                           "model.reinit_mismatched: true to re-initialise them on purpose")
+                           "init.reinit_mismatched: true to re-initialise them on purpose")
     report.reinitialised = mismatched
     report.fresh = [k for k in trained_state(model) if k not in tensors]
     return report

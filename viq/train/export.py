@@ -45,7 +45,7 @@ def step_checkpoint_state(path: Path):
     if recipe.run.task != "tokenizer":
         raise ConfigError(f"{path}: a {recipe.run.task} run; only tokenizer runs hold ViQ weights")
     c = ckpt.read_checkpoint(path)
-    cfg = recipe.viq_config()
+    cfg = recipe.model
     vae = None
     if recipe.decoder.enabled:
         vae, cfg = build_target_vae(recipe, cfg, recipe.run.seed + 3)  # the seed training used

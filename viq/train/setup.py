@@ -202,11 +202,31 @@ def start_run(recipe, resume: Optional[bool]):
 
 
 def frozen_tokenizer_dir(recipe, why: str) -> Path:
-    """``model.init_ckpt`` as the viq weights directory a decoder / MLLM stage builds on."""
-    if recipe.model.init_ckpt is None or recipe.model.init_stage:
-        raise ConfigError(f"run.task {recipe.run.task} needs model.init_ckpt: {why}")
-    init = Path(recipe.model.init_ckpt).expanduser()
+    """``init.ckpt`` as the viq weights directory a decoder / MLLM stage builds on."""
+    if recipe.init.ckpt is None or recipe.init.stage:
+        raise ConfigError(f"run.task {recipe.run.task} needs init.ckpt: {why}")
+    init = Path(recipe.init.ckpt).expanduser()
     if not (init / "config.json").is_file() and not any(init.glob("model_viq_fsq_*.pth")):
-        raise WeightsError(f"model.init_ckpt {init}: neither a viq weights directory (config.json) nor the "
+        raise WeightsError(f"init.ckpt {init}: neither a viq weights directory (config.json) nor the "
                            "published layout (model_viq_fsq_<size>.pth); name a trained ViQ, e.g. viq-16k")
     return init
+
+
+def check_architecture(recipe, found, source: Path) -> None:
+    """``model:`` must describe the frozen tokenizer a decoder / MLLM stage builds on (its config.json),
+    so that the recipe states what it trains against and a wrong ``init.ckpt`` fails at once."""
+    want = recipe.model.model_dump(include={"vit", "head", "drawer"}, exclude={"drawer": {"vae"}})
+    have = found.model_dump(include={"vit", "head", "drawer"}, exclude={"drawer": {"vae"}})
+    diffs = [f"model.{key}: recipe {a!r}, checkpoint {b!r}" for key, a, b in _leaf_diffs(want, have)]
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise ConfigError(f"init.ckpt {source} is not the model this recipe describes ({shown}); set model "
+                          "to the tokenizer's architecture (its config.json) or point init.ckpt at the right one")
+
+
+def _leaf_diffs(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a:
+            yield from _leaf_diffs(a[k], b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip("."), a, b

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 #: (section, field) pairs that hold weights; ``file`` ones want a single checkpoint file.
-FIELDS = (("model", "init_ckpt", "file"), ("teacher", "ckpt", "file"), ("decoder", "vae_path", "dir"),
+FIELDS = (("init", "ckpt", "file"), ("teacher", "ckpt", "file"), ("decoder", "vae_path", "dir"),
           ("llm", "name_or_path", "dir"), ("llm", "tokenizer", "dir"))
 TINY = "tiny"
 #: inside a SigLIP2 download, the file a checkpoint field means (safetensors first: no pickle).
@@ -60,7 +60,7 @@ def resolve_recipe_weights(recipe):
 
     for section, key, want in FIELDS:
         sec = getattr(recipe, section)
-        if sec is None or (section == "model" and recipe.model.init_stage):
+        if sec is None or (section == "init" and recipe.init.stage):
             continue
         value = getattr(sec, key)
         resolved = resolve(f"{section}.{key}", value, want)

@@ -1,6 +1,6 @@
 """Reading recipe files: ``extends`` parents, named stages, overrides, variables, then validation.
 
-A stage that starts from another (``model.init_stage``) is checked against it here, so a mismatched
+A stage that starts from another (``init.stage``) is checked against it here, so a mismatched
 hand-over fails when the recipe is read rather than after the first stage has trained.
 """
 
@@ -69,10 +69,6 @@ def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(report(source, problems(exc, Recipe, top_keys=FILE_KEYS))) from None
-    try:
-        recipe.viq_config()
-    except RecipeError as exc:
-        raise RecipeError(report(source, str(exc).split("\n"))) from None
     _check_weight_paths(recipe, source)
     return recipe
 
@@ -125,7 +121,7 @@ def _load(path: Path, stage: Optional[str], overrides: list[str], chain: tuple[s
     if stage is not None and isinstance(data.get("run", {}), dict):
         data.setdefault("run", {})["stage"] = stage
     recipe = validate_recipe(substitute(data), source)
-    if recipe.model.init_stage and stages:  # a resolved printout has no stages left to compare with
+    if recipe.init.stage and stages:  # a resolved printout has no stages left to compare with
         _check_handover(path, recipe, stages, overrides, chain + (stage or "",), source)
     return recipe
 
@@ -137,31 +133,30 @@ def _check_handover(path: Path, recipe: Recipe, stages: dict, overrides: list[st
     The source stage is resolved with the same overrides (minus the hand-over keys themselves),
     since a user passes the same ``key=value`` to every stage of one progression.
     """
-    src = recipe.model.init_stage
+    src = recipe.init.stage
     if src not in stages:
-        raise RecipeError(f"{source}: model.init_stage {src!r} is not a stage of this recipe "
+        raise RecipeError(f"{source}: init.stage {src!r} is not a stage of this recipe "
                           f"({', '.join(stages) or 'none'})")
     if src in chain:
-        raise RecipeError(f"{source}: model.init_stage loops ({' -> '.join(chain + (src,))})")
-    shared = [o for o in overrides if not o.strip().startswith(("model.init_", "model.reinit_mismatched"))]
-    before = _load(path, src, shared, chain, skip_null=True)  # e.g. head.* overrides: stage 1 has none
-    if before.viq_config().vit != recipe.viq_config().vit:
-        raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture differs")
+        raise RecipeError(f"{source}: init.stage loops ({' -> '.join(chain + (src,))})")
+    shared = [o for o in overrides if not o.strip().startswith("init.")]
+    before = _load(path, src, shared, chain, skip_null=True)  # e.g. quantizer.* overrides: stage 1 has none
+    if before.model.vit != recipe.model.vit:
+        raise RecipeError(f"{source}: starts from stage {src!r} but its ViT architecture (model.vit) differs")
     old, new = _quantizer_shape(before), _quantizer_shape(recipe)
-    if old is not None and new is not None and old != new and not recipe.model.reinit_mismatched:
+    if old is not None and new is not None and old != new and not recipe.init.reinit_mismatched:
         raise RecipeError(
             f"{source}: starts from stage {src!r} whose head differs ({_fmt_shape(old)} -> {_fmt_shape(new)}); "
             "tensors such as the quantizer's project_in/project_out change shape. Set "
-            "model.reinit_mismatched: true to re-initialise them on purpose (they are reported at load)")
+            "init.reinit_mismatched: true to re-initialise them on purpose (they are reported at load)")
 
 
 def _quantizer_shape(r: Recipe):
-    if r.head is None:
+    q, h = r.quantizer, r.model.head
+    if q is None:
         return None
-    q = r.head.quantizer
-    width = len(q.levels) if q.type == "fsq" else q.bottleneck_dim
-    return (q.type, width, q.codebook_size, q.pre_attn_blocks, r.head.token_shuffle, r.head.pre_blocks,
-            r.head.residual_mlps)
+    width = len(h.levels) if q.type == "fsq" else q.bottleneck_dim
+    return (q.type, width, q.codebook_size, h.fsq_blocks, h.slots, h.pre_blocks, h.residual_mlps)
 
 
 def _fmt_shape(s) -> str:

@@ -1,7 +1,8 @@
 """The recipe schema: every training knob is a typed field of one section.
 
-A typo is an error that names the dotted key and the nearest valid name; options the model cannot
-honour are rejected instead of being silently ignored.
+The architecture is not restated here: ``model:`` is viq.config.ViQConfig itself, what the exported
+``config.json`` holds; the other sections say how it trains. A typo is an error that names the dotted
+key and the nearest valid name; options the model cannot honour are rejected, never ignored.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator, model_validator)
+                      PositiveInt, field_validator, model_validator)
 
-from viq.config import FSQ_PRESETS, PixelDecoderConfig, ViQConfig, preset_config, tiny_config
-from viq.errors import ConfigError, RecipeError
-from viq.train.recipe.problems import problems
-from viq.train.recipe.tree import deep_merge
+from viq.config import ViQConfig
 
 
 Arch = Literal["giant", "so400m", "tiny"]
@@ -43,114 +41,70 @@ class RunSection(_Section):
     seed: int = 0
 
 
-class ModelSection(_Section):
-    """The student: an architecture preset plus overrides, where its weights start, what trains."""
+class InitSection(_Section):
+    """Where the student's weights start (no ckpt and no stage: random initialisation)."""
 
-    arch: Arch = "giant"
-    #: overrides of viq.config.ViTConfig fields over the preset (e.g. {width: 96, depth: 3}).
-    vit: dict[str, Any] = Field(default_factory=dict)
-    #: overrides of viq.config.DrawerConfig (vae, group_norm_groups); the adapter lives in `decoder`.
-    drawer: dict[str, Any] = Field(default_factory=dict)
-    init_ckpt: Optional[str] = None
+    ckpt: Optional[str] = None
     #: auto | siglip2_openclip (visual.trunk.*, pos grid 24 -> 128) | reference (vision_tower.pth) | viq
-    init_format: Literal["auto", "siglip2_openclip", "reference", "viq"] = "auto"
-    #: start from another stage of this recipe: its directory run.output_dir/<init_stage>.
-    init_stage: Optional[str] = None
+    format: Literal["auto", "siglip2_openclip", "reference", "viq"] = "auto"
+    #: start from another stage of this recipe: its directory run.output_dir/<stage>.
+    stage: Optional[str] = None
     #: tensors whose shape differs from the checkpoint (e.g. quantizer projections 2-1 -> 2-2) are
     #: re-initialised and reported instead of failing the load.
     reinit_mismatched: bool = False
-    trainable: bool = True
-    #: freeze every ViT MLP and LayerNorm (attention-only tuning; the reference's "genli stage1").
-    freeze_mlp_and_norm: bool = False
-    #: the student's final norm + MAP attention-pool head (only used by the distillation loss).
-    train_attn_pool: bool = True
 
     @model_validator(mode="after")
     def _check(self):
-        if self.init_ckpt and self.init_stage:
-            raise ValueError("set model.init_ckpt or model.init_stage, not both")
-        moved = {"adapter_blocks", "latent_upsample"} & set(self.drawer)
-        if moved:
-            raise ValueError(f"set {', '.join(sorted('decoder.' + k for k in moved))} instead of model.drawer")
+        if self.ckpt and self.stage:
+            raise ValueError("set init.ckpt or init.stage, not both")
         return self
 
 
+class FreezeSection(_Section):
+    """Parts of the student kept fixed; everything not named here trains (run.task tokenizer)."""
+
+    vit: bool = False
+    #: every ViT MLP and LayerNorm (attention-only tuning; the reference's "genli stage1").
+    vit_mlp_and_norm: bool = False
+    #: the student's final norm + MAP attention-pool head (only the distillation loss uses it).
+    attn_pool: bool = False
+    #: the whole head (the embedder path too).
+    head: bool = False
+    #: only the head's blocks before the slot expansion.
+    head_pre_blocks: bool = False
+
+
 class QuantizerSection(_Section):
-    """The head's quantizer: fsq (codes), simvq, or passthrough (the stage 2-1 proximal bottleneck)."""
+    """What quantizes the head's output in training: fsq (the codes, model.head.levels), or for the
+    stage 2-1 proximal bottleneck simvq / passthrough, which replace FSQ between two projections."""
 
     type: Literal["fsq", "simvq", "passthrough"] = "fsq"
-    #: fsq only: a list of levels or a size name (2k, 4k, 8k, 16k, 64k); null for the other types.
-    levels: Optional[list[int]] = Field(default_factory=lambda: list(FSQ_PRESETS["16k"]))
     #: simvq only.
     codebook_size: Optional[PositiveInt] = None
-    #: simvq / passthrough width between project_in and project_out (fsq: len(levels)).
+    #: simvq / passthrough width between project_in and project_out (fsq: len(model.head.levels)).
     bottleneck_dim: Optional[PositiveInt] = None
     #: simvq / passthrough constraint; passthrough must state it (l_infinite = hypercube surface).
     limit: Optional[Literal["none", "l2", "l_infinite", "tanh"]] = None
-    #: RoPE-2D blocks over the 4 slots before project_in (the reference's ADD_PRE_ATTN).
-    pre_attn_blocks: NonNegativeInt = 3
-    rope2d: bool = True
-    #: width of those blocks' attention (None = the preset's, 256 for giant).
-    attn_dim: Optional[PositiveInt] = None
-
-    @field_validator("levels", mode="before")
-    @classmethod
-    def _size_name(cls, v):
-        if isinstance(v, str):
-            if v not in FSQ_PRESETS:
-                raise ValueError(f"unknown FSQ size {v!r}; choose one of {', '.join(FSQ_PRESETS)} or give a list")
-            return list(FSQ_PRESETS[v])
-        return v
 
     @model_validator(mode="after")
     def _check(self):
         t = self.type
         if t == "fsq":
-            if not self.levels:
-                raise ValueError("type fsq needs levels: a list such as [8, 8, 8, 6, 5] or a size name "
-                                 f"({', '.join(FSQ_PRESETS)})")
-            if any(v < 2 for v in self.levels):
-                raise ValueError(f"FSQ levels must be >= 2, got {self.levels}")
             for name in ("limit", "bottleneck_dim", "codebook_size"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"{name} does not apply to fsq (its bound and width come from the levels); "
-                                     "set it to null")
+                    raise ValueError(f"{name} does not apply to fsq (its bound and width come from "
+                                     "model.head.levels); leave it out")
             return self
-        if self.levels is not None:
-            raise ValueError(f"levels apply to fsq only; set levels: null for {t}")
         if self.bottleneck_dim is None:
             raise ValueError(f"type {t} needs bottleneck_dim (the reference used 32, 128, 256 or 512)")
         if t == "passthrough":
             if self.limit is None:
                 raise ValueError("type passthrough needs a limit: none, l2, l_infinite or tanh")
             if self.codebook_size is not None:
-                raise ValueError("codebook_size does not apply to passthrough; set it to null")
+                raise ValueError("codebook_size does not apply to passthrough; leave it out")
         if t == "simvq" and self.codebook_size is None:
             raise ValueError("type simvq needs codebook_size (the reference used 32768)")
         return self
-
-    @property
-    def codebook(self) -> Optional[int]:
-        """Number of distinct codes (None for passthrough)."""
-        if self.type == "fsq":
-            return math.prod(self.levels)
-        return self.codebook_size
-
-
-class HeadSection(_Section):
-    """The ViQ head around the quantizer (null in stage 1, which trains the ViT alone)."""
-
-    quantizer: QuantizerSection = Field(default_factory=QuantizerSection)
-    #: attention blocks before the slot expansion (the reference's preprocess `attn`).
-    pre_blocks: NonNegativeInt = 3
-    #: expand each patch into 4 slots before quantizing (1 slot when false).
-    token_shuffle: bool = True
-    #: affine-free LayerNorm on the input, learnable scale/shift on the output.
-    layernorm_trick: bool = True
-    #: residual MLPs after the quantizer (resualmlp-light = 3).
-    residual_mlps: NonNegativeInt = 3
-    freeze: bool = False
-    freeze_pre_blocks: bool = False
 
 
 class TeacherSection(_Section):
@@ -201,7 +155,7 @@ class RepaLoss(LossTerm):
 
 
 class DecoderSection(_Section):
-    """The drawer path: adapter -> latent head -> Qwen-Image VAE, and the decoder stage's losses."""
+    """How the drawer (architecture: model.drawer, model.pixel_decoder) trains: target, VAE, losses."""
 
     enabled: bool = False
     #: latent: regress the frozen VAE's posterior mean (tokenizer training, losses.rec_latent_mse);
@@ -209,25 +163,15 @@ class DecoderSection(_Section):
     target: Literal["latent", "pixel"] = "latent"
     #: None = a randomly initialised frozen VAE built from model.drawer.vae (tests and demos only).
     vae_path: Optional[str] = None
-    adapter_blocks: NonNegativeInt = 3
-    #: None = the ViT's heads (the reference's choice; the only one ViQConfig can express).
-    adapter_heads: Optional[PositiveInt] = None
-    latent_upsample: PositiveInt = 2
     train_vae_decoder: bool = False
     mse: LossTerm = Field(default_factory=LossTerm)
     lpips: LossTerm = Field(default_factory=LossTerm)
     kl: LossTerm = Field(default_factory=lambda: LossTerm(weight=1e-6))
     gan: GanLoss = Field(default_factory=GanLoss)
     repa: RepaLoss = Field(default_factory=RepaLoss)
-    #: run.task decoder: the pixel decoder's architecture (viq.config.PixelDecoderConfig). None = its
-    #: defaults; width (when not given) follows the tokenizer's features, repa_dim (when not given and
-    #: REPA is on) the REPA encoder's width.
-    pixel: Optional[PixelDecoderConfig] = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.pixel is not None and self.target != "pixel":
-            raise ValueError("decoder.pixel (the pixel decoder's architecture) needs target: pixel")
         pixel_terms = [n for n in ("mse", "lpips", "kl", "gan", "repa") if getattr(self, n).enabled]
         if self.target == "latent" and pixel_terms:
             raise ValueError(f"{', '.join(pixel_terms)} need target: pixel (the latent target uses "
@@ -443,8 +387,13 @@ class Recipe(_Section):
     #: variables for ``${name}`` in any string of the recipe (no environment variables).
     paths: dict[str, str] = Field(default_factory=dict)
     run: RunSection = Field(default_factory=RunSection)
-    model: ModelSection = Field(default_factory=ModelSection)
-    head: Optional[HeadSection] = Field(default_factory=HeadSection)
+    #: the architecture: a viq.config.ViQConfig, what the exported config.json stores (``arch`` names a
+    #: preset the other keys override; model.name defaults to run.name).
+    model: ViQConfig = Field(default_factory=ViQConfig)
+    init: InitSection = Field(default_factory=InitSection)
+    freeze: FreezeSection = Field(default_factory=FreezeSection)
+    #: null: no head and no quantizer (stage 1: the ViT's output feeds the LLM; model.head waits for 2-1).
+    quantizer: Optional[QuantizerSection] = Field(default_factory=QuantizerSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     decoder: DecoderSection = Field(default_factory=DecoderSection)
     losses: LossesSection = Field(default_factory=LossesSection)
@@ -452,6 +401,15 @@ class Recipe(_Section):
     data: DataSection
     optim: OptimSection = Field(default_factory=lambda: OptimSection(epochs=1))
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name(cls, data):
+        """The exported model is named after the run unless model.name says otherwise."""
+        if isinstance(data, dict) and isinstance(data.get("model", {}), dict) and "name" not in data.get("model", {}):
+            run = data.get("run") if isinstance(data.get("run"), dict) else {}
+            data = {**data, "model": {**data.get("model", {}), "name": run.get("name", RunSection().name)}}
+        return data
 
     @model_validator(mode="after")
     def _cross(self):
@@ -469,19 +427,28 @@ class Recipe(_Section):
             problems.append("losses.rec_latent_mse > 0 needs decoder.enabled: true with decoder.target: latent")
         if self.decoder.enabled and self.decoder.target == "latent" and L.rec_latent_mse == 0:
             problems.append("decoder.target latent trains only through losses.rec_latent_mse, which is 0")
-        if self.head is None:
+        if self.quantizer is None:
             if self.decoder.enabled:
-                problems.append("the decoder reads the head's output: without a head, set decoder.enabled: false")
+                problems.append("the decoder reads the head's output: without a head (quantizer: null), set "
+                                "decoder.enabled: false")
             if L.cls_distill.enabled and L.cls_distill.source == "head":
-                problems.append("without a head, distil from the ViT: losses.cls_distill.source: vit")
+                problems.append("without a head (quantizer: null), distil from the ViT: losses.cls_distill.source: vit")
+        if task != "tokenizer":
+            why = (f"run.task {task} builds on a trained tokenizer (init.ckpt, always frozen; model must describe "
+                   "it, which is checked at start)")
+            if self.freeze != FreezeSection():
+                problems.append(f"freeze is not read: {why}; leave it out")
+            if self.quantizer is None or self.quantizer.type != "fsq":
+                problems.append(f"quantizer must be fsq: {why}")
+            if self.init.stage or self.init.format not in ("auto", "viq"):
+                problems.append(f"set init.ckpt to a viq weights directory (init.format auto or viq): {why}")
+            if self.teacher.enabled:
+                problems.append(f"teacher.enabled must be false: {why}")
         if task == "mllm_offline":
             if not self.data.code_store:
                 problems.append("run.task mllm_offline needs data.code_store")
-            if self.head is None or self.head.quantizer.type != "fsq":
-                problems.append("run.task mllm_offline reads FSQ codes: head.quantizer.type must be fsq")
-            if self.model.trainable or self.teacher.enabled or self.decoder.enabled:
-                problems.append("run.task mllm_offline never runs the ViT: set model.trainable: false, "
-                                "teacher.enabled: false, decoder.enabled: false")
+            if self.decoder.enabled:
+                problems.append("run.task mllm_offline reads codes, never pixels: set decoder.enabled: false")
         elif self.data.code_store:
             problems.append("data.code_store is only read by run.task mllm_offline")
         if task != "mllm_offline" and self.llm is not None and (self.llm.init_from or self.llm.attention != "auto"):
@@ -497,8 +464,8 @@ class Recipe(_Section):
             problems.append("run.task decoder needs decoder.enabled: true")
         if task == "decoder" and self.decoder.target != "pixel":
             problems.append("run.task decoder trains on pixels: set decoder.target: pixel")
-        if task != "decoder" and self.decoder.pixel is not None:
-            problems.append("decoder.pixel is only read by run.task decoder")
+        if task != "decoder" and self.model.pixel_decoder is not None:
+            problems.append("model.pixel_decoder is only trained by run.task decoder; leave it out (null)")
         if self.runtime.fsdp and self.runtime.deepspeed_zero:
             problems.append("runtime.fsdp and runtime.deepspeed_zero exclude each other: pick one")
         if self.runtime.eval_every and not self.data.val_path:
@@ -513,55 +480,11 @@ class Recipe(_Section):
         return self
 
     def _trains_something(self) -> bool:
-        m, h, llm = self.model, self.head, self.llm
-        vision = self.run.task != "mllm_offline" and (
-            m.trainable or (m.train_attn_pool and self.losses.cls_distill.enabled))
-        return bool(vision or (h is not None and not h.freeze) or self.decoder.enabled
+        f, q, llm = self.freeze, self.quantizer, self.llm
+        vision = self.run.task == "tokenizer" and (
+            not f.vit or (not f.attn_pool and self.losses.cls_distill.enabled) or (q is not None and not f.head))
+        return bool(vision or self.decoder.enabled
                     or (llm and (llm.trainable or llm.lora.enabled or llm.projector.trainable)))
-
-    # -- derived views ---------------------------------------------------------------------------
-
-    def viq_config(self) -> ViQConfig:
-        """The architecture as a viq.config.ViQConfig (preset + recipe); builds no modules.
-
-        A stage without a head (stage 1) keeps the preset's head: only the ViT is used.
-        """
-        m, h, d = self.model, self.head, self.decoder
-        vit = dict(m.vit)
-        try:
-            if m.arch == "tiny":
-                cfg = tiny_config(**{k: vit.pop(k) for k in ("width", "depth", "heads", "pos_grid") if k in vit})
-            else:
-                cfg = preset_config(m.arch)
-            data = cfg.model_dump()
-            data["name"] = self.run.name
-            data["vit"].update(vit)
-            if h is not None:
-                q = h.quantizer
-                if not h.layernorm_trick:
-                    raise RecipeError("head.layernorm_trick: false cannot be expressed by ViQConfig (always on)")
-                if not q.rope2d and q.pre_attn_blocks:
-                    raise RecipeError("head.quantizer.rope2d: false with pre_attn_blocks > 0 cannot be expressed "
-                                      "by ViQConfig (its FSQ blocks always use RoPE-2D)")
-                if q.type == "fsq":
-                    data["head"]["levels"] = list(q.levels)
-                data["head"].update(pre_blocks=h.pre_blocks, fsq_blocks=q.pre_attn_blocks,
-                                    slots=4 if h.token_shuffle else 1, residual_mlps=h.residual_mlps)
-                if q.attn_dim is not None:
-                    data["head"]["fsq_attn_dim"] = q.attn_dim
-            data["drawer"] = deep_merge(data["drawer"], m.drawer)
-            data["drawer"].update(adapter_blocks=d.adapter_blocks, latent_upsample=d.latent_upsample)
-            out = ViQConfig.model_validate(data)
-        except ValidationError as exc:
-            raise RecipeError("\n".join(problems(exc, ViQConfig, prefix=("model",)))) from None
-        except RecipeError:
-            raise
-        except (ConfigError, ValueError) as exc:
-            raise RecipeError(f"model: {exc}") from None
-        if d.adapter_heads is not None and d.adapter_heads != out.vit.heads:
-            raise RecipeError(f"decoder.adapter_heads {d.adapter_heads} differs from the ViT's {out.vit.heads}; "
-                              "ViQConfig has no separate adapter head count (use null)")
-        return out
 
     @property
     def out_dir(self) -> Path:
@@ -572,9 +495,9 @@ class Recipe(_Section):
     @property
     def init_path(self) -> Optional[Path]:
         """The checkpoint (file or directory) the student starts from, if any."""
-        if self.model.init_stage:
-            return Path(self.run.output_dir).expanduser() / self.model.init_stage
-        return Path(self.model.init_ckpt).expanduser() if self.model.init_ckpt else None
+        if self.init.stage:
+            return Path(self.run.output_dir).expanduser() / self.init.stage
+        return Path(self.init.ckpt).expanduser() if self.init.ckpt else None
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML; loading it back gives an equal Recipe."""

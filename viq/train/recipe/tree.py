@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from viq.config import merge_over
 from viq.errors import RecipeError
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
@@ -143,13 +144,8 @@ def check_values(tree: Any, where: str, path: str = "") -> None:
 
 
 def deep_merge(base: Any, over: Any) -> Any:
-    """Dicts merge key by key; anything else (lists, scalars, null) replaces."""
-    if not (isinstance(base, dict) and isinstance(over, dict)):
-        return copy.deepcopy(over)
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if k in out else copy.deepcopy(v)
-    return out
+    """A new tree: dicts merge key by key; anything else (lists, scalars, null) replaces."""
+    return copy.deepcopy(merge_over(base, over))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,7 +1,7 @@
 """The decoder stage (``run.task: decoder``): a pixel decoder trained on a frozen ViQ tokenizer.
 
-    image ─frozen encoder + head (model.init_ckpt, a viq directory)─▶ codes ─frozen embedder─▶ features
-      ─trainable PixelDecoder (decoder.pixel)─▶ RGB, compared with the image padded to the patch grid
+    image ─frozen encoder + head (init.ckpt, a viq directory)─▶ codes ─frozen embedder─▶ features
+      ─trainable PixelDecoder (model.pixel_decoder)─▶ RGB, compared with the image padded to the patch grid
 
 * Losses (``decoder.mse|lpips|kl|gan|repa``, each can be off): ``viq.train.decoder_losses.DecoderLoss``,
   all computed inside ``DecoderPair.forward`` (so DDP sees one forward). The GAN's PatchDiscriminator
@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from viq.nn.vit import Packing
 from viq.train.optim import param_groups, total_steps
-from viq.train.setup import frozen_tokenizer_dir, read_data, recipe_fingerprint
+from viq.train.setup import check_architecture, frozen_tokenizer_dir, read_data, recipe_fingerprint
 from viq.train.stage import DataPosition, Export, Stage, StepOutput
 from viq.train.stages.decoder_parts import (ImageDataset, _as_list, _to_uint8, load_perceptual, pixel_config,
                                             source_parts)
@@ -79,6 +79,7 @@ class DecoderStage(Stage):
         dev, seed = acc.device, recipe.run.seed
         # frozen tokenizer (fp32: its parts are written back unchanged)
         tok = load_tokenizer(init, parts=source_parts(init), device=str(dev), dtype=torch.float32)
+        check_architecture(recipe, tok.config, init)
         tok.model.eval().requires_grad_(False)
         self.tok, patch = tok, tok.patch
         d = recipe.data

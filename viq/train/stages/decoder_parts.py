@@ -6,7 +6,7 @@
     - LPIPS: ``paths.lpips`` when set (``tiny`` = a random stand-in, tests), else
       ``${paths.models}/lpips-vgg16`` (``viq.eval.perceptual.LPIPS_HOWTO`` says what goes there);
     - DINOv2 (REPA): ``decoder.repa.encoder`` (a Hugging Face directory; ``tiny`` = a random stand-in).
-* Pixel decoder architecture: ``decoder.pixel`` (None = PixelDecoderConfig's defaults). ``width``
+* Pixel decoder architecture: ``model.pixel_decoder`` (None = PixelDecoderConfig's defaults). ``width``
   follows the tokenizer's feature width and ``repa_dim`` the DINOv2 width unless given explicitly.
 """
 
@@ -108,7 +108,7 @@ def load_perceptual(recipe, device):
 
 
 def pixel_config(recipe, width: int, patch: int, dino) -> PixelDecoderConfig:
-    given = recipe.decoder.pixel
+    given = recipe.model.pixel_decoder
     data = given.model_dump() if given is not None else PixelDecoderConfig().model_dump()
     fields_set = given.model_fields_set if given is not None else set()
     if "width" not in fields_set:
@@ -117,11 +117,11 @@ def pixel_config(recipe, width: int, patch: int, dino) -> PixelDecoderConfig:
         data["repa_dim"] = dino.dim
     cfg = PixelDecoderConfig(**data)
     if cfg.width != width:
-        raise ConfigError(f"decoder.pixel.width {cfg.width} differs from the tokenizer's feature width {width}")
+        raise ConfigError(f"model.pixel_decoder.width {cfg.width} differs from the tokenizer's feature width {width}")
     if cfg.patch != patch:
-        raise ConfigError(f"decoder.pixel.patch {cfg.patch} differs from the tokenizer's patch {patch}")
+        raise ConfigError(f"model.pixel_decoder.patch {cfg.patch} differs from the tokenizer's patch {patch}")
     if dino is not None and cfg.repa_dim != dino.dim:
-        raise ConfigError(f"decoder.pixel.repa_dim {cfg.repa_dim} differs from the REPA encoder's width {dino.dim}")
+        raise ConfigError(f"model.pixel_decoder.repa_dim {cfg.repa_dim} differs from the REPA encoder's width {dino.dim}")
     return cfg
 
 

@@ -2,7 +2,7 @@
 
     conversations (data.path) ─encode_conversation─▶ ids/labels ─┐
     img_path ─CodeStore (data.code_store, made by `viqctl encode`)─▶ codes ─┤ packed rows (viq.mllm.offline)
-    codes ─frozen ViQ embedder (model.init_ckpt, decoder part)─▶ features ─trainable projector─▶ LLM ─▶ CE on answers
+    codes ─frozen ViQ embedder (init.ckpt, decoder part)─▶ features ─trainable projector─▶ LLM ─▶ CE on answers
 
 * Data: samples are read without touching image files; every image id must be in the store
   (checked up front: a ``StoreError`` lists the missing ids) and the store's FSQ levels must be the
@@ -34,7 +34,7 @@ import torch
 
 from viq.errors import ConfigError, WeightsError
 from viq.train.optim import total_steps
-from viq.train.setup import frozen_tokenizer_dir, make_tokenizer, read_data, recipe_fingerprint
+from viq.train.setup import check_architecture, frozen_tokenizer_dir, make_tokenizer, read_data, recipe_fingerprint
 from viq.train.stage import DataPosition, Export, Stage, StepOutput
 
 log = logging.getLogger("viq.train.offline")
@@ -135,12 +135,10 @@ class OfflineStage(Stage):
         self.init = init = frozen_tokenizer_dir(recipe, "the viq weights directory of the code store")
         dev, seed, d, llm_cfg = acc.device, recipe.run.seed, recipe.data, recipe.llm
         tok_viq = load_tokenizer(init, parts=("decoder",), device=str(dev), dtype=torch.float32)
+        check_architecture(recipe, tok_viq.config, init)
         embedder = tok_viq.model
         embedder.eval().requires_grad_(False)
         self.levels = levels = list(tok_viq.levels)
-        if recipe.head is not None and list(recipe.head.quantizer.levels) != levels:
-            raise ConfigError(f"head.quantizer.levels {list(recipe.head.quantizer.levels)} differ from the "
-                              f"embedder's {levels} ({init}); set them to the model's")
         self.store = store = CodeStore(Path(d.code_store).expanduser())
         check_store_levels(store, levels)
 

@@ -66,7 +66,7 @@ class TokenizerStage(Stage):
     def __init__(self, recipe, acc, out: Path, resume: bool, eval_limit: Optional[int]):
         self.recipe, self.acc, self.out = recipe, acc, out
         seed = recipe.run.seed
-        init_dir = recipe.init_path if recipe.model.init_stage else None
+        init_dir = recipe.init_path if recipe.init.stage else None
         d = recipe.data
         self.train_set = read_data(d.path, d.image_root, d.sample_fraction, d.max_bad_fraction, "train", recipe)
         val_set = read_data(d.val_path, d.image_root, None, d.max_bad_fraction, "val", recipe) if d.val_path else None
@@ -80,7 +80,7 @@ class TokenizerStage(Stage):
         self.tokenizer = tokenizer
 
         # model: the student, the MLLM around it, the frozen targets
-        cfg = recipe.viq_config()
+        cfg = recipe.model
         vae = None
         if recipe.decoder.enabled:
             vae, cfg = build_target_vae(recipe, cfg, seed + 3)
@@ -103,7 +103,7 @@ class TokenizerStage(Stage):
         self.init_report = None
         if recipe.init_path is not None:
             tensors, fmt, notes = init_tensors(recipe, recipe.init_path)
-            rep = apply_init(self.model, tensors, recipe.model.reinit_mismatched, str(recipe.init_path), fmt, notes)
+            rep = apply_init(self.model, tensors, recipe.init.reinit_mismatched, str(recipe.init_path), fmt, notes)
             if acc.is_main_process:
                 log.info("starting weights: %s", rep.summary())
                 if rep.reinitialised:
@@ -113,10 +113,10 @@ class TokenizerStage(Stage):
                 write_json(rep.as_dict(), out / "init-report.json")
             self.init_report = rep
 
-        h = recipe.head
-        student.set_trainable(vit=recipe.model.trainable, vit_mlp_norm=not recipe.model.freeze_mlp_and_norm,
-                              pool=recipe.model.train_attn_pool and L.cls_distill.enabled,
-                              head=h is not None and not h.freeze, head_pre_blocks=h is None or not h.freeze_pre_blocks,
+        f, has_head = recipe.freeze, recipe.quantizer is not None
+        student.set_trainable(vit=not f.vit, vit_mlp_norm=not f.vit_mlp_and_norm,
+                              pool=not f.attn_pool and L.cls_distill.enabled,
+                              head=has_head and not f.head, head_pre_blocks=not (has_head and f.head_pre_blocks),
                               drawer=recipe.decoder.enabled)
         plan.vit_grad = any(p.requires_grad for n, p in student.vit.named_parameters()
                             if n.startswith(("blocks.", "patch")))
