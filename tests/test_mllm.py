@@ -10,7 +10,7 @@ from viq.data import WordTokenizer, load_samples, make_shapes_dataset, sample_te
 from viq.data.conversations import IGNORE_INDEX, Resize
 from viq.errors import ConfigError
 from viq.mllm import MLLM, BatchPlan, ConversationDataset, Projector, Skipped, build_llm, collate, placeholder_id
-from viq.train.recipe.schema import LLMSection, LoraSection, TinyLLM
+from viq.train.recipe.sections import LLMSection, LoraSection, TinyLLM
 
 
 def tiny_llm(vocab=40, lora=False, trainable=True):

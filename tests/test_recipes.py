@@ -230,3 +230,19 @@ def test_to_yaml_is_plain_yaml():
     data = yaml.safe_load(load_recipe(RECIPES / "fsq16k.yaml").to_yaml())
     assert data["optim"]["lr"] == 1e-4 and "stages" not in data
     assert isinstance(Recipe.model_validate(data), Recipe)
+
+
+def test_a_recipe_in_the_old_layout_is_told_where_each_key_went(tmp_path):
+    old = MINIMAL + ("model: {arch: tiny, init_ckpt: x, trainable: false}\n"
+                     "head: {pre_blocks: 1, layernorm_trick: true, quantizer: {levels: [8, 8], pre_attn_blocks: 0}}\n"
+                     "decoder: {pixel: {}}\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, old))
+    msg = str(e.value)
+    for line in ("model.init_ckpt moved to init.ckpt", "model.trainable moved to freeze.vit",
+                 "head.quantizer.levels moved to model.head.levels", "head.pre_blocks moved to model.head.pre_blocks",
+                 "head.quantizer.pre_attn_blocks moved to model.head.fsq_blocks",
+                 "head.layernorm_trick is gone (always on)", "decoder.pixel moved to model.pixel_decoder"):
+        assert line in msg, line
+    with pytest.raises(RecipeError, match="stage 1 \\(no head\\) is now quantizer: null"):
+        load_recipe(_write(tmp_path, MINIMAL + "head: null\n"))

@@ -6,7 +6,7 @@ import torch
 
 from viq.train.optim import make_scheduler, param_groups
 from viq.train.losses import CodebookUsage, distill_loss, latent_mse, weighted_total
-from viq.train.recipe.schema import ScheduleSection
+from viq.train.recipe.sections import ScheduleSection
 
 
 def test_distill_is_one_minus_cosine():

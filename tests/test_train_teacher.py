@@ -8,7 +8,7 @@ from viq.config import ViTConfig
 from viq.errors import WeightsError
 from viq.model.student import new_vit
 from viq.nn.vit import AnyResViT
-from viq.train.recipe.schema import TeacherSection
+from viq.train.recipe.sections import TeacherSection
 from viq.train.teacher import Teacher, build_teacher, load_siglip2_openclip, resize_pos_embed
 
 VIT = dict(width=32, depth=2, heads=4, mlp_hidden=64)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from viq.errors import RecipeError
 from viq.train.recipe.problems import problems, report
+from viq.train.recipe.renamed import moved_keys
 from viq.train.recipe.schema import Recipe
 from viq.train.recipe.tree import MAX_TEXT_CHARS, apply_override, check_values, deep_merge, load_yaml, substitute
 
@@ -65,6 +66,9 @@ def list_stages(path: Union[str, Path]) -> list[str]:
 def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
     """Validate an already-merged recipe dict (no stages, overrides or variables left)."""
     check_values(data, source)
+    moved = moved_keys(data)
+    if moved:
+        raise RecipeError(report(source, moved))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
