@@ -143,15 +143,32 @@ def _sdpa(q, k, v, scale):
 
 
 def _loop(q, k, v, segments: Segments, scale):
-    if len(segments.lengths) == 1:
+    """Exact per-image attention, with images of equal length batched into one SDPA call: the CPU
+    kernel treats every (batch, head) alone, so the values are those of one call per image (tested),
+    while many small images cost a call per distinct length instead of one each."""
+    lengths = segments.lengths
+    if len(lengths) == 1:
         return _sdpa(q, k, v, scale)
-    outs = []
-    start = 0
-    for n in segments.lengths:
-        sl = slice(start, start + n)
-        outs.append(_sdpa(q[sl], k[sl], v[sl], scale))
-        start += n
-    return torch.cat(outs, dim=0)
+    starts, groups = [], {}
+    at = 0
+    for i, n in enumerate(lengths):
+        starts.append(at)
+        groups.setdefault(n, []).append(i)
+        at += n
+    if len(groups) == len(lengths):  # all lengths differ: one call each, no gathering
+        return torch.cat([_sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale) for s, n in zip(starts, lengths)])
+    out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+    for n, members in groups.items():
+        if len(members) == 1:
+            s = starts[members[0]]
+            out[s:s + n] = _sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale)
+            continue
+        rows = torch.cat([torch.arange(starts[i], starts[i] + n) for i in members]).to(q.device)
+        b = len(members)
+        qg, kg, vg = (x.index_select(0, rows).view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)  # (B, H, n, D)
+        out.index_copy_(0, rows, o.transpose(1, 2).reshape(b * n, *out.shape[1:]))
+    return out
 
 
 def _nested(q, k, v, segments: Segments, scale):

@@ -39,14 +39,28 @@ class PatchEmbed(nn.Module):
         self.patch = patch
         self.proj = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=True)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(3, H, W) -> (h * w, C) raster-order tokens and the grid. Pads with 0 (mid grey) first."""
+    def patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(3, H, W) -> its patches (h * w, 3, p, p) in raster order and the grid. Pads with 0 (mid grey)."""
         p = self.patch
-        _, hgt, wid = pixels.shape
+        c, hgt, wid = pixels.shape
         pixels = F.pad(pixels, (0, (p - wid % p) % p, 0, (p - hgt % p) % p))
-        x = self.proj(pixels[None])  # (1, C, h, w)
-        grid = (x.shape[2], x.shape[3])
-        return x.flatten(2)[0].transpose(0, 1), grid
+        h, w = pixels.shape[1] // p, pixels.shape[2] // p
+        return pixels.view(c, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, c, p, p), (h, w)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(3, H, W) -> (h * w, C) raster-order tokens and the grid."""
+        tokens, grids = self.embed_many([pixels])
+        return tokens, grids[0]
+
+    def embed_many(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Every image's patches through ONE convolution call: (sum h * w, C) and the grids.
+
+        A stride-p convolution sees each patch alone, so convolving the patches stacked as a batch
+        gives the same values (bit for bit, tested) as convolving each padded image, without a
+        call per image (which dominates for many small images)."""
+        pieces = [self.patches(img) for img in images]
+        stacked = pieces[0][0] if len(pieces) == 1 else torch.cat([x for x, _ in pieces])
+        return self.proj(stacked).flatten(1), [g for _, g in pieces]
 
 
 class AnyResViT(nn.Module):
@@ -76,12 +90,18 @@ class AnyResViT(nn.Module):
 
     def embed(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packing]:
         """Patchify + position-embed every image and concatenate: (sum N_i, C)."""
-        tokens, grids = [], []
-        for img in images:
-            x, grid = self.patch_embed(img.to(self.pos_embed.dtype))
-            tokens.append(x + self.position_embedding(grid))
-            grids.append(grid)
-        return torch.cat(tokens, dim=0), Packing(tuple(grids))
+        dtype = self.pos_embed.dtype
+        tokens, grids = self.patch_embed.embed_many([img.to(dtype) for img in images])
+        pos = self._positions(grids)
+        return tokens.add_(pos) if not tokens.requires_grad else tokens + pos, Packing(tuple(grids))
+
+    def _positions(self, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """The position embeddings of every image, concatenated; each distinct grid of the batch is
+        resized once (many small images share a few grids)."""
+        if len(grids) == 1:
+            return self.position_embedding(grids[0])
+        resized = {g: self.position_embedding(g) for g in dict.fromkeys(grids)}
+        return torch.cat([resized[g] for g in grids])
 
     def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, Packing]:
         """Images (3, H, W) in [-1, 1] -> packed tokens of the last block (no final norm)."""

@@ -1,0 +1,98 @@
+"""Packed encoding does per batch what it did per image, with the very same values; the CPU encode
+keeps freed activations out of resident memory where the C library allows it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import viq.encode
+import viq.heap
+from viq.config import tiny_config
+from viq.encode import EncodeOptions, encode_to_store
+from viq.model.viq_model import ViQModel
+from viq.nn.attention import Segments, _sdpa, packed_attention
+from viq.nn.vit import PatchEmbed
+from viq.sources import collect_sources
+from viq.tokenizer import ViQTokenizer
+
+SIZES = [(32, 48), (96, 64), (80, 80), (48, 96), (33, 70), (32, 48), (16, 16), (47, 47)]  # (H, W)
+
+
+def _images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in SIZES]
+
+
+def test_one_convolution_over_all_patches_equals_one_per_padded_image():
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 96)
+    images = _images()
+    with torch.inference_mode():
+        packed, grids = embed.embed_many(images)
+        per_image = []
+        for img in images:  # what the reference does: pad the image, convolve it whole
+            _, hgt, wid = img.shape
+            padded = F.pad(img, (0, -wid % 16, 0, -hgt % 16))
+            per_image.append(embed.proj(padded[None]).flatten(2)[0].T)
+    assert grids == [(-(-h // 16), -(-w // 16)) for h, w in SIZES]
+    assert torch.equal(packed, torch.cat(per_image))
+
+
+def test_vit_embedding_equals_per_image_embedding_with_its_own_positions():
+    torch.manual_seed(0)
+    vit = ViQModel(tiny_config(), parts=("encoder",)).vit.eval()
+    torch.nn.init.normal_(vit.pos_embed)
+    images = _images(1)
+    with torch.inference_mode():
+        packed, packing = vit.embed(images)
+        one_by_one = [vit.embed([img])[0] for img in images]
+    assert torch.equal(packed, torch.cat(one_by_one))
+    assert packing.segments.lengths == tuple(x.shape[0] for x in one_by_one)
+
+
+@pytest.mark.parametrize("lengths", [(4, 20, 4, 36, 20, 20, 7), (12,) * 5, (5, 6, 7), (9,)])
+def test_equal_length_images_share_one_attention_call_with_the_same_values(lengths):
+    g = torch.Generator().manual_seed(0)
+    t, heads, dim = sum(lengths), 3, 16
+    qkv = torch.randn(t, 3, heads, dim, generator=g)
+    q, k, v = qkv.unbind(1)  # strided, as the model's qkv projection gives them
+    with torch.inference_mode():
+        got = packed_attention(q, k, v, Segments(lengths), 0.25, backend="loop")
+        start, want = 0, []
+        for n in lengths:
+            want.append(_sdpa(q[start:start + n], k[start:start + n], v[start:start + n], 0.25))
+            start += n
+    assert torch.equal(got, torch.cat(want))
+
+
+def test_bound_heap_is_applied_on_glibc_and_skipped_elsewhere(monkeypatch):
+    import platform
+    import sys
+
+    viq.heap._glibc.cache_clear()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert viq.heap.bound_heap() is True
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("musl", "1.2"))
+    viq.heap._glibc.cache_clear()
+    try:
+        assert viq.heap.bound_heap() is False
+    finally:
+        monkeypatch.undo()
+        viq.heap._glibc.cache_clear()
+
+
+def test_cpu_encode_bounds_the_heap(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(viq.encode, "bound_heap", lambda *a, **k: calls.append(a) or True)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24 + 8 * i, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False), cfg)
+    summary = encode_to_store(collect_sources([str(folder)]), tok, tmp_path / "store", {}, EncodeOptions(workers=1))
+    assert summary.encoded == 3 and len(calls) == 1
