@@ -144,6 +144,8 @@ def main(argv=None):
                                                              "measure memory against the reference-style baseline")
     ap.add_argument("--no-baseline-encode", dest="baseline_encode", action="store_false",
                     help="the baseline child only loads (faster; its peak is then a lower bound)")
+    ap.add_argument("--no-bound-heap", dest="bound_heap", action="store_false",
+                    help="leave glibc's malloc thresholds alone (encode_to_store bounds them on CPU)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None, help="also write the result JSON here")
     ap.add_argument("--write-file", default=None, help=argparse.SUPPRESS)  # child process: write weights, exit
@@ -151,6 +153,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from viq.encode import EncodeOptions, resolve_token_budget
+    from viq.heap import bound_heap
     from viq.model.viq_model import ViQModel
     from viq.nn.flops import matmul_flops_per_s
     from viq.packing import batches_by_budget, tokens_of
@@ -187,6 +190,7 @@ def main(argv=None):
         tok = ViQTokenizer(model, cfg)
         mem["before_load"] = mem["start"]
     mem["after_load"] = memory_status()
+    heap_bounded = args.bound_heap and str(device) == "cpu" and bound_heap()  # as viq.encode.encode_to_store does
     budget = args.token_budget or resolve_token_budget(EncodeOptions(token_budget=None), tok)
 
     shapes = workload(args)
@@ -239,7 +243,7 @@ def main(argv=None):
         "median_s": med, "spread_s": {k: [min(v), max(v)] for k, v in times.items()},
         "model_flops": flops, "achieved_gflops_per_s": achieved / 1e9, "matmul_gflops_per_s": matmul / 1e9,
         "achieved_over_matmul": achieved / matmul,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(), "heap_bounded": bool(heap_bounded),
     }
     if args.one_by_one:
         result["speedup_packed_vs_one_by_one"] = med["one_by_one"] / med["packed"]

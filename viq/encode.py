@@ -19,6 +19,7 @@ import numpy as np
 from torch.profiler import record_function  # labels for torch.profiler (benchmarks/encode_folder.py)
 
 from viq.errors import ImageError
+from viq.heap import bound_heap
 from viq.images import Preprocessor, parse_policy
 from viq.packing import patch_grid
 from viq.sources import DEFAULT_MAX_BYTES, Source, SourceReader, shard_for_rank
@@ -153,6 +154,8 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
     cuda = tok.device.type == "cuda"
     if options.compile:
         tok.model.compile_encoder()
+    if tok.device.type == "cpu":  # freed activations leave resident memory (glibc; a no-op elsewhere)
+        bound_heap()
     writer = CodeStoreWriter(out, model_info(tok, fingerprints), policy.describe(), rank, world_size,
                              options.rows_per_shard)
     batch: list = []
