@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from viq.errors import ConfigError
 
@@ -49,17 +49,17 @@ class _Strict(BaseModel):
 class ViTConfig(_Strict):
     """Any-resolution SigLIP2 ViT (no class token, learned position grid resized per image)."""
 
-    width: int = 1536
-    depth: int = 40
-    heads: int = 16
-    mlp_hidden: int = 6144
-    patch: int = 16
-    pos_grid: int = 128
+    width: PositiveInt = 1536
+    depth: PositiveInt = 40
+    heads: PositiveInt = 16
+    mlp_hidden: PositiveInt = 6144
+    patch: PositiveInt = 16
+    pos_grid: PositiveInt = 128
     qkv_bias: bool = True
     #: final LayerNorm + attention-pool (MAP) head; used for distillation, never for codes.
     attn_pool: bool = True
-    attn_pool_heads: Optional[int] = None
-    attn_pool_mlp_hidden: Optional[int] = None
+    attn_pool_heads: Optional[PositiveInt] = None
+    attn_pool_mlp_hidden: Optional[PositiveInt] = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -81,13 +81,13 @@ class HeadConfig(_Strict):
     """The ViQ head: pre blocks, expansion into slots, RoPE-2D FSQ blocks, FSQ, inverse path."""
 
     levels: list[int] = Field(default_factory=lambda: list(FSQ_PRESETS["16k"]))
-    slots: int = 4
-    pre_blocks: int = 3
-    fsq_blocks: int = 3
+    slots: PositiveInt = 4
+    pre_blocks: NonNegativeInt = 3
+    fsq_blocks: NonNegativeInt = 3
     #: width of the FSQ blocks' attention (the reference caps it at 256 = max head dim).
-    fsq_attn_dim: int = 256
+    fsq_attn_dim: PositiveInt = 256
     rope: RopeConfig = Field(default_factory=RopeConfig)
-    residual_mlps: int = 3
+    residual_mlps: NonNegativeInt = 3
 
     @field_validator("levels", mode="before")
     @classmethod
@@ -116,10 +116,10 @@ class HeadConfig(_Strict):
 class VAEConfig(_Strict):
     """Keyword arguments of diffusers' ``AutoencoderKLQwenImage`` (defaults = Qwen-Image's VAE)."""
 
-    base_dim: int = 96
-    z_dim: int = 16
+    base_dim: PositiveInt = 96
+    z_dim: PositiveInt = 16
     dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
-    num_res_blocks: int = 2
+    num_res_blocks: NonNegativeInt = 2
     attn_scales: list[float] = Field(default_factory=list)
     temperal_downsample: list[bool] = Field(default_factory=lambda: [False, True, True])
     dropout: float = 0.0
@@ -130,9 +130,9 @@ class VAEConfig(_Strict):
 class DrawerConfig(_Strict):
     """Codes -> adapter blocks -> latent head (GroupNorm, conv, pixel shuffle) -> VAE decoder."""
 
-    adapter_blocks: int = 3
-    latent_upsample: int = 2
-    group_norm_groups: int = 32
+    adapter_blocks: NonNegativeInt = 3
+    latent_upsample: PositiveInt = 2
+    group_norm_groups: PositiveInt = 32
     vae: VAEConfig = Field(default_factory=VAEConfig)
 
 
@@ -140,22 +140,22 @@ class PixelDecoderConfig(_Strict):
     """Architecture of the pixel decoder (what ``config.json`` stores for it)."""
 
     #: width of the incoming LLM features (the ViT width, 1536 for the giant model).
-    width: int = 1536
-    adapter_dim: int = 768
-    adapter_heads: int = 12
-    adapter_blocks: int = 2
+    width: PositiveInt = 1536
+    adapter_dim: PositiveInt = 768
+    adapter_heads: PositiveInt = 12
+    adapter_blocks: NonNegativeInt = 2
     adapter_mlp_ratio: float = 4.0
     #: channels at the grid resolution, then after each of the log2(patch) upsampling stages.
     channels: list[int] = Field(default_factory=lambda: [512, 512, 256, 128, 64])
-    res_blocks: int = 2
-    mid_blocks: int = 1
+    res_blocks: NonNegativeInt = 2
+    mid_blocks: NonNegativeInt = 1
     #: channels of the latent bottleneck (mean/logvar, KL); None = no bottleneck.
-    latent_channels: Optional[int] = 16
+    latent_channels: Optional[PositiveInt] = 16
     norm: Literal["channel", "group"] = "channel"
-    groups: int = 32
-    patch: int = 16
+    groups: PositiveInt = 32
+    patch: PositiveInt = 16
     #: width of the REPA target features (DINOv2-base: 768); None = no REPA projector.
-    repa_dim: Optional[int] = None
+    repa_dim: Optional[PositiveInt] = None
     repa_hidden: int = 1024
 
     @model_validator(mode="after")
@@ -205,12 +205,22 @@ class ViQConfig(_Strict):
         # the tiny preset derives MLP, FSQ-attention and GroupNorm widths from these four
         dims = {k: vit[k] for k in ("width", "depth", "heads", "pos_grid") if k in vit} if data["arch"] == "tiny" else {}
         try:
-            base = ARCH_PRESETS[data["arch"]](**dims).model_dump()
+            try:
+                base = ARCH_PRESETS[data["arch"]](**dims).model_dump()
+            except ValueError:  # a bad dimension: validated below, where the error names its key
+                base = ARCH_PRESETS[data["arch"]]().model_dump()
         except KeyError:
             raise ValueError(f"arch: unknown preset {data['arch']!r}; choose one of {', '.join(ARCH_PRESETS)}") from None
         except TypeError:
             raise ValueError(f"arch: a preset name ({', '.join(ARCH_PRESETS)}), got {data['arch']!r}") from None
         return merge_over(base, over)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.vit.width % self.drawer.group_norm_groups:
+            raise ValueError(f"drawer.group_norm_groups {self.drawer.group_norm_groups} does not divide vit.width "
+                             f"{self.vit.width} (the drawer's GroupNorm runs over the ViT's channels)")
+        return self
 
     @property
     def width(self) -> int:
