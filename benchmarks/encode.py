@@ -1,7 +1,7 @@
 """Encode throughput, achieved FLOP/s and peak memory, each against a baseline run in the same process.
 
     python benchmarks/encode.py --arch so400m --workload mixed16                  # speed vs matmul
-    python benchmarks/encode.py --arch giant --workload mixed16 --from-file --repeats 1 --no-one-by-one
+    python benchmarks/encode.py --arch giant --workload mixed16 --from-file --repeats 1 --no-one-by-one --no-baseline-encode
     python benchmarks/encode.py --arch tiny --images 64 --side 224               # packed vs one by one
 
 Random weights (timing does not depend on the values). Workloads: ``mixed16`` is 16 images from
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -173,6 +174,7 @@ def main(argv=None):
         return {"baseline": True}
 
     mem = {"start": memory_status()}
+    load_start = os.getloadavg()  # other jobs on the cores: printed beside the numbers
     file_bytes = tmp = None
     if args.from_file:
         import subprocess
@@ -275,6 +277,7 @@ def main(argv=None):
                               **base}
         result["peak_rss_over_baseline"] = result["peak_rss_bytes"] / base["peak_rss_bytes"]
         shutil.rmtree(tmp, ignore_errors=True)
+    result["load_average_1_5_15"] = {"start": list(load_start), "end": list(os.getloadavg())}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
