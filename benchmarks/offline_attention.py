@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,36 +42,26 @@ def packed_segments(rows: int, length: int, mean: int, gen: torch.Generator) -> 
     return segs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--length", type=int, default=1024)
-    ap.add_argument("--sample", type=int, default=128, help="mean packed sample length")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
-    a = ap.parse_args()
-
+def measure(rows: int = 4, length: int = 1024, sample: int = 128, hidden: int = 128, layers: int = 2,
+            heads: int = 4, repeats: int = 5, device: str = "cpu", dtype=None) -> dict:
+    """Forward + backward of a random Qwen2 decoder on one packed batch in each attention mode."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from viq.mllm.offline import VARLEN_SDPA, cu_seqlens, register_varlen_sdpa
 
     register_varlen_sdpa()
-    dev = torch.device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    cfg = Qwen2Config(vocab_size=1000, hidden_size=a.hidden, intermediate_size=a.hidden * 4,
-                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=max(1, a.heads // 2),
-                      max_position_embeddings=a.length)
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=hidden, intermediate_size=hidden * 4,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=length)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg).to(dev, dtype).get_decoder()
     gen = torch.Generator().manual_seed(1)
-    segs = packed_segments(a.rows, a.length, a.sample, gen)
+    segs = packed_segments(rows, length, sample, gen)
     pos = torch.cat([torch.arange(n) for n in segs])[None].to(dev)
-    embeds = torch.randn(1, a.rows * a.length, a.hidden, generator=gen).to(dev, dtype)
+    embeds = torch.randn(1, rows * length, hidden, generator=gen).to(dev, dtype)
 
     modes = {"sdpa": ("sdpa", {}), "varlen_sdpa": (VARLEN_SDPA, {"cu_seq_lens_q": cu_seqlens(segs, "cpu")})}
     if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -91,7 +83,7 @@ def main() -> None:
     times = {m: [] for m in modes}
     for m in modes:  # warm-up
         run(m)
-    for _ in range(a.repeats):
+    for _ in range(repeats):
         for m in modes:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -101,13 +93,35 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[m].append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
-    n = a.rows * a.length
+    n = rows * length
     tps = {m: n / statistics.median(v) for m, v in times.items()}
-    print(json.dumps({"device": str(dev), "dtype": str(dtype).removeprefix("torch."), "rows": a.rows,
-                      "length": a.length, "samples_packed": sum(1 for s in segs), "hidden": a.hidden,
-                      "layers": a.layers, "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
-                      "ratio_vs_block_diagonal_sdpa": {m: round(v / tps["sdpa"], 3) for m, v in tps.items()},
-                      "max_abs_diff_vs_sdpa": diffs}, indent=2))
+    return {"device": str(dev), "dtype": str(dtype).removeprefix("torch."), "rows": rows, "length": length,
+            "samples_packed": len(segs), "hidden": hidden, "layers": layers, "repeats": repeats,
+            "tokens_per_s": {m: round(v, 1) for m, v in tps.items()},
+            "ratio_vs_block_diagonal_sdpa": {m: round(v / tps["sdpa"], 3) for m, v in tps.items()},
+            "max_abs_diff_vs_sdpa": diffs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--sample", type=int, default=128, help="mean packed sample length")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    a = ap.parse_args()
+    res = measure(a.rows, a.length, a.sample, a.hidden, a.layers, a.heads, a.repeats, a.device,
+                  getattr(torch, a.dtype) if a.dtype else None)
+    res["load_average"] = list(os.getloadavg())
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

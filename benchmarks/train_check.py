@@ -1,0 +1,123 @@
+"""The training engine on the distributed back ends that need a GPU: optimizer steps counted per run.
+
+    python benchmarks/train_check.py --out train_check.json      # one GPU: DeepSpeed ZeRO-1, FSDP2, plain
+    python benchmarks/train_check.py --tiny                       # CPU: the plain run only (what tests run)
+
+The tiny offline-MLLM recipe (a random tiny tokenizer, a code store made here, a tiny LLM with
+LoRA) trains 3 optimizer steps with ``optim.grad_accum=2``, i.e. 6 micro-batches, once per back
+end. Each run counts what really stepped: the DeepSpeed engine's model steps, or the wrapped
+optimizer's ``step`` calls (plain and FSDP2), and must count 3; a back end that steps every
+micro-batch would count 6. ``gpu_check.py`` runs this as its ``train_engines`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+STEPS, ACCUM = 3, 2
+
+
+@contextlib.contextmanager
+def counting(owner, name: str):
+    """Count calls of ``owner.name`` (a method) while inside the block."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    setattr(owner, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(owner, name, real)
+
+
+def make_world(root: Path) -> Path:
+    """A random tiny tokenizer (``models/viq-tiny``) and shapes data encoded into ``data/codes``."""
+    from viq.config import tiny_config
+    from viq.data import make_shapes_dataset
+    from viq.demo import random_model_dir
+    from viq.encode import EncodeOptions, encode_to_store
+    from viq.sources import collect_sources
+    from viq.tokenizer import load_tokenizer
+
+    random_model_dir(root / "models" / "viq-tiny", tiny_config("16k"), seed=0)
+    make_shapes_dataset(root / "data", n_train=12, n_val=2, seed=4, min_side=32, max_side=32, resize=None)
+    tok = load_tokenizer(root / "models" / "viq-tiny", parts=("encoder",), device="cpu")
+    encode_to_store(collect_sources([str(root / "data")]), tok, root / "data" / "codes", {}, EncodeOptions(workers=1))
+    return root
+
+
+def run_engine(kind: str, root: Path, cuda: bool) -> dict:
+    """One tiny offline run on back end ``kind`` (plain, deepspeed_zero1, fsdp2); steps counted."""
+    from viq.train.recipe import load_recipe
+    from viq.train.run import train
+
+    extra = {"plain": [], "deepspeed_zero1": ["runtime.deepspeed_zero=1"], "fsdp2": ["runtime.fsdp=true"]}[kind]
+    recipe = load_recipe(RECIPES / "mllm-offline.yaml", "tiny", [
+        f"paths.models={root / 'models'}", f"paths.data={root / 'data'}", f"run.output_dir={root / 'runs' / kind}",
+        "data.val_path=null", "llm.max_length=48", f"optim.grad_accum={ACCUM}", f"optim.max_steps={STEPS}",
+        "runtime.save_every=100", f"runtime.precision={'bf16' if cuda else 'fp32'}", *extra])
+    if kind == "deepspeed_zero1":
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        owner, name = DeepSpeedEngine, "_take_model_step"
+    else:
+        owner, name = torch.optim.AdamW, "step"
+    from accelerate import Accelerator
+
+    with counting(owner, name) as calls, counting(Accelerator, "backward") as backwards:
+        res = train(recipe)
+    return {"status": "ok", "engine_steps": res.steps, "optimizer_steps_counted": len(calls),
+            "backward_passes": len(backwards),
+            "correct": len(calls) == STEPS and res.steps == STEPS and len(backwards) == STEPS * ACCUM,
+            "counted": f"{owner.__name__}.{name}"}
+
+
+def engines(cuda: bool, root: Path) -> dict:
+    """Every back end this machine can run; the others say why they were skipped."""
+    out = {}
+    for kind in ("plain", "deepspeed_zero1", "fsdp2"):
+        if kind != "plain" and not cuda:
+            out[kind] = {"status": "skipped", "reason": "needs a GPU (accelerate runs neither DeepSpeed nor FSDP2 "
+                                                        "on CPU)"}
+            continue
+        if kind == "deepspeed_zero1" and importlib.util.find_spec("deepspeed") is None:
+            out[kind] = {"status": "skipped", "reason": "deepspeed is not installed (pip install 'viq[deepspeed]')"}
+            continue
+        try:
+            out[kind] = run_engine(kind, root, cuda)
+        except Exception as exc:  # recorded; the other back ends still run
+            out[kind] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc(limit=8)}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU: the plain back end only")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    with tempfile.TemporaryDirectory(prefix="viq-train-check-") as tmp:
+        res = engines(cuda, make_world(Path(tmp)))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
