@@ -3,10 +3,11 @@
     python benchmarks/encode_folder.py                       # 1000 JPEGs of 32..96 px, so400m-shaped head
     python benchmarks/encode_folder.py --arch tiny --images 200
 
-The same images are encoded twice in this process: once already decoded, packed into the same
-batches (the pure model rate), and once from the folder through ``encode_to_store`` (read, hash,
-decode + resize in worker threads, model, Parquet). The ratio is the pipeline's efficiency; the
-goal is >= 0.9. A torch.profiler breakdown of the pipeline run shows where the rest goes (the
+The same images are encoded in this process, alternately: already decoded, packed into the same
+batches (the pure model rate), and from the folder through ``encode_to_store`` (read, hash,
+decode + resize, model, Parquet) with each ``--workers`` count (0 = decoding between batches, the
+CPU default). The ratio of the best runs is the pipeline's efficiency (goal >= 0.9); the per-round
+ratios show what other jobs on the cores did to it. A torch.profiler breakdown of the pipeline run shows where the rest goes (the
 ``viq.*`` labels of ``viq.encode``: read, sha256, decode_resize, model, store).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,7 +46,9 @@ def main(argv=None):
     ap.add_argument("--arch", default="tiny", choices=["tiny", "so400m", "giant"])
     ap.add_argument("--width", type=int, default=384, help="tiny arch: ViT width")
     ap.add_argument("--depth", type=int, default=6, help="tiny arch: ViT depth")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="0,1,2",
+                    help="decode threads to compare, comma-separated (0 = decode between batches, in the encoding thread)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated runs of each; the best counts")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -61,7 +65,8 @@ def main(argv=None):
            if args.arch == "tiny" else preset_config(args.arch))
     torch.manual_seed(0)
     tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False), cfg)
-    opts = EncodeOptions(workers=args.workers)
+    worker_counts = [int(w) for w in str(args.workers).split(",")]
+    opts = EncodeOptions(workers=worker_counts[0])
     budget = resolve_token_budget(opts, tok)
     work = Path(tempfile.mkdtemp(prefix="viq-folder-"))
     folder = work / "images"
@@ -78,30 +83,40 @@ def main(argv=None):
         for b in batches:
             tok.encode_pixels([pixels[i] for i in b])
 
-    def pipeline(out):
-        return encode_to_store(sources, tok, out, {}, opts)
+    def pipeline(out, workers):
+        return encode_to_store(sources, tok, out, {}, EncodeOptions(workers=workers))
 
+    load_start = os.getloadavg()
     model_only()  # warm-up
-    times = {"model": [], "pipeline": []}
-    for r in range(2):  # alternate, so drift hits both
+    names = {w: f"pipeline_workers_{w}" for w in worker_counts}
+    times = {"model": []} | {name: [] for name in names.values()}
+    for r in range(args.repeats):  # alternate, so drift hits all
         t0 = time.perf_counter()
         model_only()
         times["model"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        summary = pipeline(work / f"store{r}")
-        times["pipeline"].append(time.perf_counter() - t0)
-        assert summary.encoded == len(sources), summary.as_dict()
+        for w, name in names.items():
+            t0 = time.perf_counter()
+            summary = pipeline(work / f"store{r}-{w}", w)
+            times[name].append(time.perf_counter() - t0)
+            assert summary.encoded == len(sources), summary.as_dict()
     best = {k: min(v) for k, v in times.items()}
+    ratios = {w: best["model"] / best[name] for w, name in names.items()}
+    best_workers = max(ratios, key=ratios.get)
     result = {"images": len(sources), "tokens": sum(counts), "token_budget": budget, "batches": len(batches),
-              "arch": args.arch, "width": cfg.vit.width, "depth": cfg.vit.depth, "workers": args.workers,
-              "threads": torch.get_num_threads(), "seconds": times,
+              "arch": args.arch, "width": cfg.vit.width, "depth": cfg.vit.depth, "workers_compared": worker_counts,
+              "threads": torch.get_num_threads(), "repeats": args.repeats, "seconds": times,
               "images_per_s": {k: len(sources) / v for k, v in best.items()},
-              "pipeline_over_model": best["model"] / best["pipeline"]}
+              "pipeline_over_model_by_workers": {str(w): r for w, r in ratios.items()},
+              "best_workers": best_workers, "pipeline_over_model": ratios[best_workers],
+              # each run against the model run just before it: what a changing load does to the ratio
+              "pipeline_over_model_per_round": {str(w): [m / p for m, p in zip(times["model"], times[name])]
+                                                for w, name in names.items()},
+              "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())}}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            pipeline(work / "store-prof")
+            pipeline(work / "store-prof", best_workers)
         labels = {}
         for ev in prof.key_averages():
             if ev.key.startswith("viq."):

@@ -96,3 +96,22 @@ def test_cpu_encode_bounds_the_heap(tmp_path, monkeypatch):
     tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False), cfg)
     summary = encode_to_store(collect_sources([str(folder)]), tok, tmp_path / "store", {}, EncodeOptions(workers=1))
     assert summary.encoded == 3 and len(calls) == 1
+
+
+def test_grouped_attention_also_trains_after_an_inference_call():
+    lengths = Segments((6, 6, 3))
+    q = torch.randn(15, 2, 8)
+    with torch.inference_mode():
+        packed_attention(q, q, q, lengths, 0.3, backend="loop")  # caches the grouping
+    x = q.clone().requires_grad_(True)
+    packed_attention(x, x, x, lengths, 0.3, backend="loop").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_decode_threads_default_to_none_on_cpu_and_an_explicit_count_is_kept():
+    from viq.encode import resolve_workers
+
+    cfg = tiny_config()
+    tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval(), cfg)
+    assert resolve_workers(EncodeOptions(), tok) == 0  # measured: threads take the cores from the model
+    assert resolve_workers(EncodeOptions(workers=3), tok) == 3

@@ -34,7 +34,9 @@ class EncodeOptions:
     token_budget: int | None = None
     rows_per_shard: int = 256
     max_input_pixels: int | None = 178_956_970
-    workers: int = 4
+    #: threads decoding ahead of the model; None: 0 on CPU (decoding between batches: threads take the
+    #: cores from the model's own, measured slower by benchmarks/encode_folder.py), 4 on CUDA
+    workers: int | None = None
     prefetch: int = 64
     #: torch.compile the encoder's MLPs (GPU: fuses bias + GELU; the first batches pay the compile)
     compile: bool = False
@@ -100,8 +102,15 @@ def resolve_token_budget(options: EncodeOptions, tok: ViQTokenizer) -> int:
     return token_budget_for_memory(free, vit.width, vit.mlp_hidden, torch.finfo(tok.dtype).bits // 8)
 
 
+def resolve_workers(options: EncodeOptions, tok: ViQTokenizer) -> int:
+    """The options' decode threads, or the measured default for the tokenizer's device."""
+    if options.workers is not None:
+        return options.workers
+    return 4 if tok.device.type == "cuda" else 0
+
+
 def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter, summary: EncodeSummary,
-              options: EncodeOptions, pin: bool = False) -> Iterator:
+              options: EncodeOptions, workers: int, pin: bool = False) -> Iterator:
     """Yield (source, sha256, pixels, info) or (source, sha256, None, reason), in order, decoded ahead."""
 
     reader = SourceReader(options.max_input_bytes)
@@ -127,7 +136,11 @@ def _prepared(sources: list[Source], prep: Preprocessor, writer: CodeStoreWriter
         except Exception as exc:  # a decoder bug in a plugin must not stop the run either
             return src, digest, None, f"{src.name}: unexpected error while decoding ({type(exc).__name__}: {exc})"
 
-    with ThreadPoolExecutor(max_workers=max(1, options.workers)) as pool:
+    if workers <= 0:  # decode in this thread, between batches
+        for src in sources:
+            yield work(src)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = []
         it = iter(sources)
         for src in it:
@@ -181,7 +194,7 @@ def encode_to_store(sources: list[Source], tok: ViQTokenizer, out, fingerprints:
         batch, used = [], 0
 
     with writer:
-        for src, digest, pixels, info in _prepared(mine, prep, writer, summary, options, pin=cuda):
+        for src, digest, pixels, info in _prepared(mine, prep, writer, summary, options, resolve_workers(options, tok), pin=cuda):
             if pixels is None:
                 if info is None and digest is not None:
                     summary.skipped += 1

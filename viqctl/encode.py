@@ -26,7 +26,8 @@ def encode(
     token_budget: Optional[int] = typer.Option(None, "--token-budget", help="Patch tokens per packed batch "
                                                "(default: 1024 on CPU, which bounds memory at full speed; sized "
                                                "for the free GPU memory on CUDA)."),
-    workers: int = typer.Option(4, "--workers", help="Threads decoding images ahead of the model."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Threads decoding images ahead of the model "
+                                          "(default: 0 on CPU, where decoding between batches is faster; 4 on GPU)."),
     rows_per_shard: int = typer.Option(256, "--rows-per-shard", help="Images per Parquet shard."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="Parquet/datasets inputs: the image column (default: found)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Parquet/datasets inputs: the column of ids (default: <file>/<row>)."),
@@ -56,7 +57,7 @@ def encode(
     with cli_errors(debug):
         policy = parse_policy(resize)  # usage problems first: before any model is loaded
         check_out_dir(out_dir, store=True)
-        if token_budget is not None and token_budget < 1 or workers < 0 or rows_per_shard < 1:
+        if token_budget is not None and token_budget < 1 or workers is not None and workers < 0 or rows_per_shard < 1:
             from viq.errors import ConfigError
 
             raise ConfigError("--token-budget and --rows-per-shard must be >= 1, --workers >= 0")

@@ -149,26 +149,37 @@ def _loop(q, k, v, segments: Segments, scale):
     lengths = segments.lengths
     if len(lengths) == 1:
         return _sdpa(q, k, v, scale)
-    starts, groups = [], {}
-    at = 0
-    for i, n in enumerate(lengths):
-        starts.append(at)
-        groups.setdefault(n, []).append(i)
-        at += n
+    starts, groups = _equal_length_groups(lengths)
     if len(groups) == len(lengths):  # all lengths differ: one call each, no gathering
         return torch.cat([_sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale) for s, n in zip(starts, lengths)])
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-    for n, members in groups.items():
+    for n, members, rows in groups:
         if len(members) == 1:
             s = starts[members[0]]
             out[s:s + n] = _sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale)
             continue
-        rows = torch.cat([torch.arange(starts[i], starts[i] + n) for i in members]).to(q.device)
+        rows = rows.to(q.device)
         b = len(members)
         qg, kg, vg = (x.index_select(0, rows).view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)  # (B, H, n, D)
         out.index_copy_(0, rows, o.transpose(1, 2).reshape(b * n, *out.shape[1:]))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_length_groups(lengths: tuple[int, ...]):
+    """Start of each segment, and per distinct length: (length, member segments, their token rows).
+    Cached: every layer of a batch asks for the same packing."""
+    starts, members = [], {}
+    at = 0
+    for i, n in enumerate(lengths):
+        starts.append(at)
+        members.setdefault(n, []).append(i)
+        at += n
+    with torch.inference_mode(False):  # cached: must stay usable by a later training forward
+        groups = [(n, idx, torch.cat([torch.arange(starts[i], starts[i] + n) for i in idx]))
+                  for n, idx in members.items()]
+    return starts, groups
 
 
 def _nested(q, k, v, segments: Segments, scale):

@@ -40,12 +40,13 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=True)
 
     def patches(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(3, H, W) -> its patches (h * w, 3, p, p) in raster order and the grid. Pads with 0 (mid grey)."""
+        """(3, H, W) -> its patches side by side, (3, p, h * w * p) in raster order, and the grid.
+        Pads right/bottom with 0 (mid grey) to the patch multiple first."""
         p = self.patch
         c, hgt, wid = pixels.shape
         pixels = F.pad(pixels, (0, (p - wid % p) % p, 0, (p - hgt % p) % p))
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
-        return pixels.view(c, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h * w, c, p, p), (h, w)
+        return pixels.view(c, h, p, w, p).permute(0, 2, 1, 3, 4).reshape(c, p, h * w * p), (h, w)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(3, H, W) -> (h * w, C) raster-order tokens and the grid."""
@@ -55,12 +56,13 @@ class PatchEmbed(nn.Module):
     def embed_many(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Every image's patches through ONE convolution call: (sum h * w, C) and the grids.
 
-        A stride-p convolution sees each patch alone, so convolving the patches stacked as a batch
-        gives the same values (bit for bit, tested) as convolving each padded image, without a
-        call per image (which dominates for many small images)."""
+        A stride-p convolution sees each patch alone, so convolving all patches laid side by side in
+        one p-high strip gives the same values (bit for bit, tested) as convolving each padded image,
+        without a call per image (which dominates for many small images); the strip is also the
+        fastest layout measured for oneDNN (4x a batch of p x p patches)."""
         pieces = [self.patches(img) for img in images]
-        stacked = pieces[0][0] if len(pieces) == 1 else torch.cat([x for x, _ in pieces])
-        return self.proj(stacked).flatten(1), [g for _, g in pieces]
+        strip = pieces[0][0] if len(pieces) == 1 else torch.cat([x for x, _ in pieces], dim=-1)
+        return self.proj(strip[None])[0, :, 0].T, [g for _, g in pieces]
 
 
 class AnyResViT(nn.Module):
@@ -93,7 +95,7 @@ class AnyResViT(nn.Module):
         dtype = self.pos_embed.dtype
         tokens, grids = self.patch_embed.embed_many([img.to(dtype) for img in images])
         pos = self._positions(grids)
-        return tokens.add_(pos) if not tokens.requires_grad else tokens + pos, Packing(tuple(grids))
+        return tokens + pos, Packing(tuple(grids))
 
     def _positions(self, grids: list[tuple[int, int]]) -> torch.Tensor:
         """The position embeddings of every image, concatenated; each distinct grid of the batch is
