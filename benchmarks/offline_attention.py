@@ -47,7 +47,7 @@ def measure(rows: int = 4, length: int = 1024, sample: int = 128, hidden: int = 
     """Forward + backward of a random Qwen2 decoder on one packed batch in each attention mode."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from viq.mllm.offline import VARLEN_SDPA, cu_seqlens, register_varlen_sdpa
+    from viq.mllm.varlen_attention import VARLEN_SDPA, cu_seqlens, register_varlen_sdpa
 
     register_varlen_sdpa()
     dev = torch.device(device)

@@ -14,7 +14,8 @@ from viq.mllm.collate import Skipped
 from viq.mllm.model import Projector
 from viq.mllm.offline import (OfflineConversationDataset, OfflineImageEncoder, OfflineItem, OnlineImageEncoder,
                               PackedMLLM, check_store_levels, collate_packed, expanded_length, pack_items,
-                              packed_batches, register_varlen_sdpa)
+                              packed_batches)
+from viq.mllm.varlen_attention import length_buckets, register_varlen_sdpa, varlen_sdpa_attention
 from viq.model.viq_model import ViQModel
 from viq.store import CodeStoreWriter, finalize_store
 
@@ -235,3 +236,34 @@ def test_store_levels_must_match_the_embedder(data):
     check_store_levels(ds.store, LEVELS)
     with pytest.raises(StoreError, match=r"\[8, 8, 8, 5, 5, 5\]"):
         check_store_levels(ds.store, [8, 8, 8, 5, 5, 5])
+
+
+def test_length_buckets_keep_similar_lengths_together():
+    groups = length_buckets([100, 3, 60, 0, 51, 200, 7, 4])
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 4, 5, 6, 7]  # empty samples dropped
+    lengths = [100, 3, 60, 0, 51, 200, 7, 4]
+    for g in groups:
+        assert max(lengths[i] for i in g) <= 2 * min(lengths[i] for i in g)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[100, 200], [51, 60], [4, 7], [3]]
+
+
+@pytest.mark.parametrize("segments", [[5, 9, 2, 16, 1, 7], [32], [3, 3, 3], [1, 40, 2]])
+def test_varlen_sdpa_equals_attention_sample_by_sample(segments):
+    """The padded, bucketed call gives what causal SDPA gives on each sample alone (values and gradients)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    L, H, Hkv, D = sum(segments), 4, 2, 8
+    q = torch.randn(1, H, L, D, requires_grad=True)
+    k, v = (torch.randn(1, Hkv, L, D, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, *torch.tensor(segments).cumsum(0).tolist()], dtype=torch.int32)
+    got, _ = varlen_sdpa_attention(SimpleNamespace(training=False), q, k, v, cu_seq_lens_q=cu, scaling=0.3)
+    kk, vv = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    want = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], kk[:, :, a:b], vv[:, :, a:b], is_causal=True,
+                                                     scale=0.3) for a, b in zip(cu[:-1], cu[1:])], 2).transpose(1, 2)
+    assert got.shape == (1, L, H, D) and torch.allclose(got, want, atol=1e-6)
+    g1 = torch.autograd.grad(got.square().sum(), (q, k, v))
+    g2 = torch.autograd.grad(want.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))

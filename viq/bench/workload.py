@@ -129,7 +129,7 @@ def build_llm(name: str, device: str, dtype: torch.dtype, attn: str, max_positio
     from transformers import Qwen2ForCausalLM
 
     if attn == "varlen_sdpa":
-        from viq.mllm.offline import register_varlen_sdpa
+        from viq.mllm.varlen_attention import register_varlen_sdpa
 
         attn = register_varlen_sdpa()
     cfg = qwen2_config(name, max_positions, attn)

@@ -33,6 +33,7 @@ from viq.data.conversations import IGNORE_INDEX, Sample, TextTokenizer, encode_c
 from viq.errors import ConfigError, StoreError
 from viq.mllm.collate import Skipped
 from viq.mllm.model import Projector
+from viq.mllm.varlen_attention import VARLEN_SDPA, cu_seqlens
 from viq.nn.vit import AnyResViT
 from viq.store import CodeStore
 
@@ -417,52 +418,6 @@ class PackedOutput:
     loss: torch.Tensor  # mean cross-entropy over the supervised tokens
     n_supervised: int
     n_tokens: int  # positions fed to the LLM (padding included)
-
-
-def cu_seqlens(segments: Sequence[int], device) -> torch.Tensor:
-    cu = [0]
-    for n in segments:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32, device=device)
-
-
-#: ``attn_implementation`` name of ``varlen_sdpa_attention`` (after ``register_varlen_sdpa()``).
-VARLEN_SDPA = "viq_varlen_sdpa"
-
-
-def varlen_sdpa_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0,
-                          scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
-    """Causal SDPA segment by segment of a packed row (``cu_seq_lens_q``): O(sum l_i^2) work like
-    flash-attention's varlen kernel, where plain SDPA with a block-diagonal mask does O(L^2).
-    For CPUs and GPUs without flash-attn. query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D).
-    """
-    if query.shape[0] != 1:
-        raise ValueError("varlen SDPA takes packed rows flattened to batch size 1")
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # grouped-query attention
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-    cu = kwargs.get("cu_seq_lens_q")
-    bounds = [0, query.shape[2]] if cu is None else [int(v) for v in cu.tolist()]
-    p = dropout if module.training else 0.0
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
-                                           is_causal=True, scale=scaling)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_varlen_sdpa() -> str:
-    """Make ``attn_implementation=VARLEN_SDPA`` known to transformers (idempotent); returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-    # no mask: the segments keep samples apart (else transformers builds the L x L mask it never reads)
-    AttentionMaskInterface.register(VARLEN_SDPA, _no_mask)
-    return VARLEN_SDPA
-
-
-def _no_mask(*args, **kwargs):
-    return None
 
 
 class PackedMLLM(nn.Module):

@@ -101,7 +101,7 @@ class EpochPlan:
 
 def attention_for(choice: str, device) -> str:
     """The ``attn_implementation`` for ``llm.attention`` (auto: the fastest one available here)."""
-    from viq.mllm.offline import register_varlen_sdpa
+    from viq.mllm.varlen_attention import register_varlen_sdpa
 
     flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if choice == "auto":
