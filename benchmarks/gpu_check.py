@@ -1,4 +1,5 @@
-"""One prepared GPU check: encode throughput and MFU, attention backends, bf16 vs fp32 codes, the bench.
+"""One prepared GPU check: encode throughput and MFU, attention backends, bf16 vs fp32 codes, the bench,
+the offline MLLM stage's attention modes and the training engine on DeepSpeed / FSDP2.
 
     python benchmarks/gpu_check.py --out gpu_check.json      # one H100/H200: about 5-8 minutes
     python benchmarks/gpu_check.py --tiny --out tiny.json    # CPU, seconds: what the tests run
@@ -7,7 +8,9 @@ Random weights in the published layouts (timing does not depend on the values; n
 downloaded). Every section is timed in this process after warm-up, with device synchronisation,
 and records its own baseline: MFU against the GPU's data-sheet bf16 peak and against a bf16 matmul
 measured in the same run; each attention backend against the exact per-image loop; bf16 codes
-against fp32 codes of the same images; offline against online MLLM steps. A section that fails
+against fp32 codes of the same images; offline against online MLLM steps; per-sample attention
+against the block-diagonal mask; optimizer steps per accumulation on each distributed back end
+(``train_check.py``; DeepSpeed needs ``pip install 'viq[deepspeed]'`` first). A section that fails
 (out of memory, a missing kernel) is recorded with its error and the others still run.
 """
 
@@ -26,10 +29,12 @@ import torch
 FULL = dict(arch="giant", square=1024, mixed=[(256, 256), (512, 512), (640, 480), (1024, 768), (768, 1024),
                                                (1024, 1024), (448, 336), (896, 896)],
             images=32, token_budget=65536, agree_images=8, agree_side=512, attn_lens=[1024, 4096, 1200, 256, 3072],
-            seq="4k,16k", llm="0.5b,1.5b", encoder="giant", image_size=(896, 896), warmup=1, repeats=3)
+            seq="4k,16k", llm="0.5b,1.5b", encoder="giant", image_size=(896, 896), warmup=1, repeats=3,
+            offline_attention=dict(rows=4, length=4096, sample=512, hidden=896, layers=4, heads=14, repeats=5))
 TINY = dict(arch="tiny", square=64, mixed=[(32, 32), (48, 32), (64, 48)], images=4, token_budget=256,
             agree_images=2, agree_side=64, attn_lens=[16, 40, 4], seq="256", llm="tiny", encoder="tiny",
-            image_size=(64, 64), warmup=0, repeats=1, skip_backends=["flex"])  # flex: a compile, tested elsewhere
+            image_size=(64, 64), warmup=0, repeats=1, skip_backends=["flex"],
+            offline_attention=dict(rows=2, length=64, sample=16, hidden=32, layers=1, heads=2, repeats=1))  # flex: a compile, tested elsewhere
 
 
 def sync(device: str) -> None:
@@ -184,13 +189,37 @@ def bench(p: dict, device: str) -> dict:
     return {"command": f"viqctl bench --seq {p['seq']} --llm {p['llm']}", "summary": summary, "result": res}
 
 
+def _sibling(name: str):
+    """A script beside this one (offline_attention.py, train_check.py) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def offline_attention(p: dict, device: str) -> dict:
+    """The offline MLLM stage's packed attention modes (flash_attention_2 when installed) vs the block mask."""
+    return _sibling("offline_attention").measure(device=device, **p["offline_attention"])
+
+
+def train_engines(p: dict, device: str) -> dict:
+    """The one training engine under DeepSpeed ZeRO-1, FSDP2 and plain: optimizer steps per accumulation."""
+    import tempfile
+
+    mod = _sibling("train_check")
+    with tempfile.TemporaryDirectory(prefix="viq-train-check-") as tmp:
+        return mod.engines(device.startswith("cuda"), mod.make_world(Path(tmp)))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (runs on CPU in seconds)")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON written (default: gpu_check.json)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: encode_square, encode_mixed, "
-                                                "attention, agreement, bench")
+                                                "attention, agreement, bench, offline_attention, train_engines")
     args = ap.parse_args(argv)
 
     from viq.config import preset_config
@@ -228,6 +257,10 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
     if "bench" not in skip:
         section(results, "bench", lambda: bench(p, device))
+    if "offline_attention" not in skip:
+        section(results, "offline_attention", lambda: offline_attention(p, device))
+    if "train_engines" not in skip:
+        section(results, "train_engines", lambda: train_engines(p, device))
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

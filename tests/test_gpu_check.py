@@ -16,7 +16,8 @@ def test_tiny_gpu_check_writes_every_section(tmp_path):
     mod.main(["--tiny", "--device", "cpu", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["schema"] == "viq-gpu-check v1" and data["mode"] == "tiny"
-    for name in ("encode_square", "encode_mixed", "attention", "agreement", "bench"):
+    for name in ("encode_square", "encode_mixed", "attention", "agreement", "bench", "offline_attention",
+                 "train_engines"):
         assert data[name].get("status") != "failed", data[name]
     for name in ("encode_square", "encode_mixed"):
         enc = data[name]
@@ -29,3 +30,6 @@ def test_tiny_gpu_check_writes_every_section(tmp_path):
     modes = {(r["mode"], r["status"]) for r in data["bench"]["summary"]}
     assert modes == {("forward", "ok"), ("train", "ok")}
     assert data["machine"]["matmul_flops_per_s"] > 0
+    assert data["offline_attention"]["max_abs_diff_vs_sdpa"]["varlen_sdpa"] < 1e-5
+    engines = data["train_engines"]
+    assert engines["plain"]["correct"] and engines["fsdp2"]["status"] == "skipped"  # CPU: said why
