@@ -3,14 +3,19 @@
 The latent is the RAW Qwen-Image latent (training regressed the VAE encoder's posterior mean), so the
 VAE's latents_mean/std are never applied. Only the VAE's decoder half is held here.
 
-Large latents decode in overlapping tiles (diffusers' tiled decoding, 512 px tiles blended over
-64 px): the VAE's middle block attends over every latent position, so untiled decoding costs
-grow with the square of the pixels (a 100000 x 1 image took 95 s); tiled, they grow linearly.
-Up to ``TILE_ABOVE`` latent positions (a 1024 x 1024 image) decoding stays untiled and exact, as
-the reference decodes.
+Large latents decode in overlapping tiles (diffusers' tiled decoding, blended over 64 px): the
+VAE's middle block attends over every latent position and its activations grow with the image, so
+untiled decoding's memory (and, far above 10 MP, its time) grows with the square of the pixels;
+tiled, both grow linearly. Up to ``TILE_ABOVE`` latent positions (a 1024 x 1024 image) decoding
+stays untiled and exact, as the reference decodes. Tiles hold up to ``TILE_ABOVE`` positions each,
+shaped like the image (a 16 px high strip is cut into 16 x 65536 px pieces, not 512 px squares):
+every tile then costs what an untiled decode of its size costs, and the overlap stays small
+(``benchmarks/reconstruct.py``: 512 px square tiles made a strip 1.6-2x slower than untiled).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -34,7 +39,23 @@ def build_vae_decoder(cfg: DrawerConfig) -> nn.Module:
 
 #: latent positions above which the VAE decodes in tiles (128 x 128 latents = 1024 x 1024 pixels)
 TILE_ABOVE = 128 * 128
-TILE_PX, TILE_STRIDE_PX = 512, 448
+#: latent positions two neighbouring tiles share (8 = 64 px, blended linearly)
+TILE_OVERLAP = 8
+
+
+def tile_shape(height: int, width: int, max_positions: int, overlap: int = TILE_OVERLAP) -> tuple[int, int, int, int]:
+    """Latent tile (height, width, stride_h, stride_w) of at most ``max_positions`` positions.
+
+    Square (side isqrt(max_positions)) when both sides are longer; a side shorter than that is kept
+    whole (stride = the side: one row or column of tiles) and the other grows to fill the area."""
+    side = max(2 * overlap + 1, math.isqrt(max_positions))
+    if height <= side and width > side:
+        tw = max(side, max_positions // height)
+        return height, tw, height, tw - overlap
+    if width <= side and height > side:
+        th = max(side, max_positions // width)
+        return th, width, th - overlap, width
+    return side, side, side - overlap, side - overlap
 
 
 class Drawer(nn.Module):
@@ -75,8 +96,10 @@ class Drawer(nn.Module):
         """
         h, w = latent.shape[-2:]
         if tile_above is not None and h * w > tile_above:
-            self.vae.enable_tiling(tile_sample_min_height=TILE_PX, tile_sample_min_width=TILE_PX,
-                                   tile_sample_stride_height=TILE_STRIDE_PX, tile_sample_stride_width=TILE_STRIDE_PX)
+            px = self.vae.spatial_compression_ratio
+            th, tw, sh, sw = tile_shape(h, w, tile_above)
+            self.vae.enable_tiling(tile_sample_min_height=th * px, tile_sample_min_width=tw * px,
+                                   tile_sample_stride_height=sh * px, tile_sample_stride_width=sw * px)
         else:
             self.vae.disable_tiling()
         vae_dtype = next(self.vae.parameters()).dtype
