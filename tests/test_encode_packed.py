@@ -115,3 +115,35 @@ def test_decode_threads_default_to_none_on_cpu_and_an_explicit_count_is_kept():
     tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval(), cfg)
     assert resolve_workers(EncodeOptions(), tok) == 0  # measured: threads take the cores from the model
     assert resolve_workers(EncodeOptions(workers=3), tok) == 3
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_orientation_is_still_applied_when_the_file_carries_one(tmp_path, fmt):
+    from viq.images import _may_have_orientation, load_rgb
+
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = 255  # left half white
+    plain, rotated = tmp_path / f"plain.{fmt.lower()}", tmp_path / f"rot.{fmt.lower()}"
+    Image.fromarray(arr).save(plain, fmt)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(arr).save(rotated, fmt, exif=exif.tobytes())
+    assert load_rgb(plain).size == (16, 8)
+    assert load_rgb(rotated).size == (8, 16)  # upright: the EXIF orientation was applied
+    if fmt == "JPEG":  # the fast path: nothing to read an orientation from
+        with Image.open(plain) as im:
+            im.load()
+            assert not _may_have_orientation(im)
+
+
+def test_reading_a_file_returns_it_whole_and_refuses_one_over_the_cap(tmp_path):
+    from viq.errors import ImageError
+    from viq.sources.base import read_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 10)
+    assert read_file(path, 2560) == bytes(range(256)) * 10
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        read_file(path, 2559)
+    path.write_bytes(b"")
+    assert read_file(path, 10) == b""

@@ -95,14 +95,26 @@ def _decode(fp, name: str, max_pixels: int | None) -> Image.Image:
         raise _error(name, f"{reason} image data ({e})") from None
     except Exception as e:
         raise _error(name, f"cannot decode ({type(e).__name__}: {e})") from None
-    try:
-        ImageOps.exif_transpose(im, in_place=True)
-    except Exception:
-        pass  # a broken EXIF block should not cost an otherwise good image
+    if _may_have_orientation(im):
+        try:
+            ImageOps.exif_transpose(im, in_place=True)
+        except Exception:
+            pass  # a broken EXIF block should not cost an otherwise good image
     try:
         return to_rgb(im)
     except Exception as e:
         raise _error(name, f"cannot convert {im.mode!r} to RGB ({e})") from None
+
+
+#: where PIL's ``getexif`` looks for an orientation (EXIF blocks and XMP packets)
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _may_have_orientation(im: Image.Image) -> bool:
+    """False only when ``getexif`` (PIL's own, not a plugin's) has no source to read an orientation
+    from: skipping ``exif_transpose`` then saves ~40 us per image, a sixth of a small JPEG's decode."""
+    return (type(im).getexif is not Image.Image.getexif or hasattr(im, "tag_v2")
+            or any(k in im.info for k in _ORIENTATION_SOURCES))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -153,11 +165,12 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
     """
     if img.mode != "RGB":
         raise ConfigError(f"to_pixels needs an RGB image, got mode {img.mode!r}; use load_rgb")
-    u8 = torch.from_numpy(np.array(img, dtype=np.uint8))  # a writable copy of PIL's buffer
-    # the same two float32 operations, done in place on one planar buffer (per-image cost matters
-    # for folders of small images: this is ~40% cheaper than three temporaries)
-    x = u8.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-    return x.div_(127.5).sub_(1.0)
+    # numpy, in place on one planar float32 copy: the same IEEE float32 operations (every value
+    # checked), a third of the cost of torch's per-op overhead on a small image
+    x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return torch.from_numpy(x)
 
 
 # ---- resize policies --------------------------------------------------------------------------
