@@ -147,3 +147,13 @@ def test_reading_a_file_returns_it_whole_and_refuses_one_over_the_cap(tmp_path):
         read_file(path, 2559)
     path.write_bytes(b"")
     assert read_file(path, 10) == b""
+
+
+def test_patch_embedding_takes_non_contiguous_images_of_exact_patch_multiples():
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 32)
+    img = torch.rand(32, 48, 3).permute(2, 0, 1)  # (3, 32, 48) channels-last view, no padding needed
+    with torch.inference_mode():
+        got, grid = embed(img)
+        want = embed.proj(img.contiguous()[None]).flatten(2)[0].T
+    assert grid == (2, 3) and torch.equal(got, want)

@@ -46,7 +46,7 @@ class PatchEmbed(nn.Module):
         c, hgt, wid = pixels.shape
         pixels = F.pad(pixels, (0, (p - wid % p) % p, 0, (p - hgt % p) % p))
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
-        return pixels.view(c, h, p, w, p).permute(0, 2, 1, 3, 4).reshape(c, p, h * w * p), (h, w)
+        return pixels.reshape(c, h, p, w, p).permute(0, 2, 1, 3, 4).reshape(c, p, h * w * p), (h, w)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(3, H, W) -> (h * w, C) raster-order tokens and the grid."""
