@@ -42,6 +42,14 @@ def fsq_size_name(levels: list[int]) -> Optional[str]:
     return None
 
 
+def _levels(value) -> list[int]:
+    """fsq_levels for a validator: its error as the ValueError pydantic reports under the key."""
+    try:
+        return fsq_levels(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,18 +100,12 @@ class HeadConfig(_Strict):
     @field_validator("levels", mode="before")
     @classmethod
     def _size_name(cls, v):
-        if isinstance(v, str):  # a preset size such as "16k"
-            if v not in FSQ_PRESETS:
-                raise ValueError(f"unknown FSQ size {v!r}; choose one of {', '.join(FSQ_PRESETS)} or give a list")
-            return list(FSQ_PRESETS[v])
-        return v
+        """A preset size such as "16k" becomes its levels (lists are typed by pydantic, checked below)."""
+        return _levels(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self):
-        try:
-            fsq_levels(self.levels)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        _levels(self.levels)
         if self.fsq_attn_dim % 2:
             raise ValueError("head.fsq_attn_dim must be even (RoPE pairs channels)")
         return self
