@@ -43,9 +43,12 @@ class Recipe(Section):
     @classmethod
     def _model_name(cls, data):
         """The exported model is named after the run unless model.name says otherwise."""
-        if isinstance(data, dict) and isinstance(data.get("model", {}), dict) and "name" not in data.get("model", {}):
-            run = data.get("run") if isinstance(data.get("run"), dict) else {}
-            data = {**data, "model": {**data.get("model", {}), "name": run.get("name", RunSection().name)}}
+        if not isinstance(data, dict):
+            return data
+        model, run = data.get("model", {}), data.get("run", {})
+        if isinstance(model, dict) and "name" not in model:
+            name = run.get("name", RunSection().name) if isinstance(run, dict) else RunSection().name
+            data = {**data, "model": {**model, "name": name}}
         return data
 
     @model_validator(mode="after")
