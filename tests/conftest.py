@@ -115,3 +115,27 @@ def reseal(folder):
         entry["sha256"] = sha256_file(folder / entry["file"])
         entry["bytes"] = (folder / entry["file"]).stat().st_size
     (folder / "config.json").write_text(json.dumps(meta))
+
+
+def viqctl_in_process(*args, env=None):
+    """Run viqctl in this process and return what ``subprocess.run`` would (exit code, stdout, stderr).
+
+    For tests of what a command does: it saves each call the interpreter start and the torch and
+    diffusers imports (2-5 s). What only a real process shows (the entry point, signals, pipes,
+    the working directory) is tested through subprocesses. An exception escaping the command is the
+    traceback a user would see: it comes back as exit 1 with the traceback on stderr.
+    """
+    import subprocess
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from viqctl.__main__ import app, gather_levels
+
+    argv = gather_levels([str(a) for a in args])
+    r = CliRunner().invoke(app, argv, env=env)
+    stderr, code = r.stderr, r.exit_code
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+        code = 1
+    return subprocess.CompletedProcess(argv, code, r.stdout, stderr)

@@ -1,6 +1,7 @@
 """The packed attention paths: the PyTorch fallback is block-diagonal, and the flash-attn varlen call
 gets the layout it expects (checked with a stand-in, since flash-attn needs CUDA)."""
 
+import pytest
 import torch
 
 from viq.config import tiny_config
@@ -59,7 +60,13 @@ def test_bfloat16_run_keeps_fsq_in_float32():
     assert agree > 0.3  # bf16 flips codes near bin edges, not wholesale
 
 
-def test_every_cpu_backend_matches_the_loop():
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_every_cpu_backend_matches_the_loop(monkeypatch):
+    # FlexAttention runs uncompiled here: our part (padding, the block mask, the layout) is the same,
+    # and compiling it costs ~20 s of CPU; benchmarks/gpu_check.py compares the compiled kernel.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: flex_attention)
     torch.manual_seed(0)
     seg = Segments((5, 130, 1, 40))
     q, k, v = (torch.randn(seg.total, 2, 8) for _ in range(3))

@@ -2,13 +2,13 @@
 never its timings."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import viqctl_in_process
 from viq.bench import (QWEN25, BenchConfig, bench_tokenizer, build_batches, encoder_config, parse_seq, parse_size,
                        plan_layout, qwen2_config, run_bench, template_overhead)
 from viq.errors import ConfigError
@@ -135,24 +135,22 @@ def test_run_bench_result_schema(tmp_path):
 def test_cli_end_to_end_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "fig.png"
-    p = subprocess.run([*VIQCTL, "bench", "--seq", "256", "--llm", "tiny", "--encoder", "tiny", "--image-size", "64",
-                        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1", "--include-extraction",
-                        "--json", "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    p = viqctl_in_process("bench", "--seq", "256", "--llm", "tiny", "--encoder", "tiny", "--image-size", "64",
+                          "--repeats", "1", "--warmup", "0", "--device", "cpu", "--threads", "1",
+                          "--include-extraction", "--json", "--plot", plot)
     assert p.returncode == 0, p.stdout + p.stderr
     check_schema(json.loads(p.stdout), extraction=True)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_table_and_usage_errors():
-    p = subprocess.run([*VIQCTL, "bench", "--seq", "256", "--image-size", "64", "--repeats", "1", "--warmup", "0",
-                        "--device", "cpu", "--threads", "1", "--mode", "forward"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "200"})
+    p = viqctl_in_process("bench", "--seq", "256", "--image-size", "64", "--repeats", "1", "--warmup", "0",
+                          "--device", "cpu", "--threads", "1", "--mode", "forward", env={"COLUMNS": "200"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "speed-up" in p.stdout and "tiny" in p.stdout
-    p = subprocess.run([*VIQCTL, "bench", "--mode", "sideways"], capture_output=True, text=True, timeout=60)
+    p = viqctl_in_process("bench", "--mode", "sideways")
     assert p.returncode == 2 and "sideways" in p.stderr
-    p = subprocess.run([*VIQCTL, "bench", "--seq", "128", "--images-per-seq", "4", "--device", "cpu"],
-                       capture_output=True, text=True, timeout=60)
+    p = viqctl_in_process("bench", "--seq", "128", "--images-per-seq", "4", "--device", "cpu")
     assert p.returncode == 2 and "do not fit" in p.stderr
 
 
@@ -172,7 +170,7 @@ def test_cpu_defaults_use_one_thread_and_the_plan_says_what_runs():
 def test_usage_errors_are_one_line_naming_the_option():
     for args, words in ((["--repeats", "0"], "--repeats 0"), (["--llm", "huge"], "--llm huge"),
                         (["--seq", "16m"], "16m")):
-        p = subprocess.run([*VIQCTL, "bench", *args], capture_output=True, text=True, timeout=60)
+        p = viqctl_in_process("bench", *args)
         assert p.returncode == 2 and words in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1 and "pydantic" not in p.stderr and not p.stdout
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import viqctl_in_process
 from viq.config import tiny_config
 from viq.demo import random_model_dir
 from viq.store import CodeStore
@@ -23,8 +24,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "viq" / "assets" / "examples"
 VIQCTL = [sys.executable, "-m", "viqctl"]
 
 
-def run(*args, check=None, env=None):
-    p = subprocess.run([*VIQCTL, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+def run(*args, check=None):
+    """One viqctl call, in this process (kills, pipes and a second process below use real ones)."""
+    p = viqctl_in_process(*args)
     if check is not None:
         assert p.returncode == check, p.stdout + p.stderr
     return p

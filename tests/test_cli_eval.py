@@ -1,22 +1,18 @@
 """viqctl eval and reconstruct --decoder: metrics from images or a store, clear errors without a pixel decoder."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import reference_dir_with_config
+from conftest import reference_dir_with_config, viqctl_in_process
 from viq.config import tiny_config
 from viq.config import PixelDecoderConfig
 from viq.demo import random_model_dir
 from viq.tokenizer import load_tokenizer
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "viqctl", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+cli = viqctl_in_process  # what the commands do; the entry point itself: test_cli_install.py
 
 
 def test_eval_images_and_store(tmp_path):

@@ -2,13 +2,11 @@
 nothing to resume), where a missing data file was looked for, the evaluation before step 1, usage errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import viqctl_in_process
 from viq.data import make_shapes_dataset
 from viq.train.recipe import load_recipe
 from viq.train.run import train
@@ -17,8 +15,7 @@ TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 
 
 def viqctl(*args, check):
-    p = subprocess.run([sys.executable, "-m", "viqctl", *map(str, args)], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "COLUMNS": "200"})
+    p = viqctl_in_process(*args, env={"COLUMNS": "200"})
     assert p.returncode == check, p.stderr[-3000:]
     return p
 

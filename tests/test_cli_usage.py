@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import viqctl_in_process
+
 VIQCTL = [sys.executable, "-m", "viqctl"]
 SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
 
 def run(*args, cwd=None, env=None, timeout=300):
+    """One viqctl call: in this process, or a real one when it must start in another directory."""
+    if cwd is None:
+        return viqctl_in_process(*args, env=env)
     return subprocess.run([*VIQCTL, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
