@@ -98,6 +98,24 @@ def test_cpu_encode_bounds_the_heap(tmp_path, monkeypatch):
     assert summary.encoded == 3 and len(calls) == 1
 
 
+def test_stage_labels_are_recorded_under_a_profiler_and_skipped_otherwise(tmp_path):
+    """benchmarks/encode_folder.py reads its breakdown from these labels; unprofiled runs skip them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (24, 16 + 8 * i), (10 * i, 50, 90)).save(folder / f"{i}.png")
+    cfg = tiny_config()
+    tok = ViQTokenizer(ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False), cfg)
+    assert viq.encode._labeller() is viq.encode._no_label
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert viq.encode._labeller() is not viq.encode._no_label
+        encode_to_store(collect_sources([str(folder)]), tok, tmp_path / "store", {}, EncodeOptions())
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("viq.")}
+    assert counts == {"viq.read": 2, "viq.sha256": 2, "viq.decode_resize": 2, "viq.model": 1, "viq.store": 2}
+
+
 def test_grouped_attention_also_trains_after_an_inference_call():
     lengths = Segments((6, 6, 3))
     q = torch.randn(15, 2, 8)
