@@ -1,5 +1,6 @@
-"""encode / reconstruct / embed through the real entry point: exit codes, resume after a kill,
-changed files, bad inputs, two processes, and refusing the wrong model."""
+"""encode / reconstruct / embed as commands: exit codes, resume after a kill, changed files, bad inputs,
+two processes, and refusing the wrong model. Calls run in this process; the kill and the two processes
+are real ones (python -m viqctl)."""
 
 import json
 import os
