@@ -11,7 +11,12 @@ measured in the same run; each attention backend against the exact per-image loo
 against fp32 codes of the same images; offline against online MLLM steps; per-sample attention
 against the block-diagonal mask; optimizer steps per accumulation on each distributed back end
 (``train_check.py``; DeepSpeed needs ``pip install 'viq[deepspeed]'`` first). A section that fails
-(out of memory, a missing kernel) is recorded with its error and the others still run.
+(out of memory, a missing kernel) is recorded with its error and the others still run; the JSON is
+rewritten after every section (a run killed at its time limit keeps what finished), and a section
+that would start after ``--budget-s`` is recorded as skipped. The full check refuses to run on a
+CPU unless ``--device cpu`` is given (a CPU-only torch on the GPU machine would otherwise spend the
+lease on giant-model encodes). Run it from the repository root as
+``PYTHONPATH=. python3 benchmarks/gpu_check.py`` when viq is not installed there.
 """
 
 from __future__ import annotations
@@ -55,9 +60,24 @@ def timed(fn, device: str, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def section(results: dict, name: str, fn) -> None:
-    """Run one section; record its result or its error, never stop the whole check."""
+def write_json(results: dict, out: Path) -> None:
+    """Atomic write (temp + rename); called after every section so a killed run keeps what finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(out)
+
+
+def section(results: dict, name: str, fn, out: Path | None = None, deadline: float | None = None) -> None:
+    """Run one section; record its result or its error, never stop the whole check. A section that
+    would start after ``deadline`` (perf_counter time) is recorded as skipped instead."""
     t0 = time.perf_counter()
+    if deadline is not None and t0 > deadline:
+        results[name] = {"status": "skipped", "reason": "--budget-s spent before this section started"}
+        print(f"[gpu_check] {name}: skipped (time budget spent)", file=sys.stderr, flush=True)
+        if out is not None:
+            write_json(results, out)
+        return
     print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
     try:
         results[name] = fn()
@@ -68,6 +88,8 @@ def section(results: dict, name: str, fn) -> None:
             torch.cuda.empty_cache()
     results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 2)
     print(f"[gpu_check] {name}: {results.setdefault('section_seconds', {})[name]} s", file=sys.stderr, flush=True)
+    if out is not None:
+        write_json(results, out)
 
 
 def device_is_cuda() -> bool:
@@ -78,6 +100,7 @@ def machine(device: str, dtype: torch.dtype) -> dict:
     from viq.nn.flops import gpu_peak_flops, matmul_flops_per_s
 
     info = {"torch": torch.__version__, "device": device, "dtype": str(dtype).removeprefix("torch.")}
+    info.update(attention_kernels())
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(0)
         info.update(device_name=name, cuda=torch.version.cuda, peak_bf16_flops=gpu_peak_flops(name),
@@ -92,6 +115,42 @@ def machine(device: str, dtype: torch.dtype) -> dict:
     return info
 
 
+def keep_tables_fp32(model, dtype: torch.dtype):
+    """Cast the weights to ``dtype`` but keep the head's computed RoPE table in float32, as
+    ``load_model`` leaves a loaded model (``.to(dtype)`` alone would round the frequencies to bf16)."""
+    head = getattr(model, "head", None)
+    freqs = getattr(head, "rope_freqs", None)
+    model.to(dtype)
+    if freqs is not None:
+        head.rope_freqs = freqs.float()
+    return model
+
+
+def random_encoder(cfg, device: str, dtype: torch.dtype):
+    """A random-weight encoder as ``load_tokenizer(parts=("encoder",))`` would leave it: weights in
+    ``dtype`` on ``device``. Built under the device context (fast init on the GPU), then moved: the
+    head computes its RoPE table on the CPU on purpose, which the device context does not move."""
+    from viq.model.viq_model import ViQModel
+
+    with torch.device(device):
+        model = ViQModel(cfg, parts=("encoder",))
+    model.to(device)
+    return keep_tables_fp32(model, dtype).eval().requires_grad_(False)
+
+
+def attention_kernels() -> dict:
+    """What the packed attention can use here: flash-attn, and torch's varlen kernel with its signature
+    (the ``scale`` argument came after torch 2.10's first version of it)."""
+    import importlib.util
+    import inspect
+
+    from viq.nn.attention import _torch_varlen
+
+    fn = _torch_varlen()
+    return {"flash_attn": importlib.util.find_spec("flash_attn") is not None,
+            "torch_varlen_signature": str(inspect.signature(fn)) if fn is not None else None}
+
+
 def random_images(shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, h, w, generator=g) * 2 - 1 for w, h in shapes]
@@ -102,7 +161,7 @@ def encode_rate(tok, shapes, budget: int, device: str, p: dict, mach: dict) -> d
     from viq.nn.flops import count_flops
     from viq.packing import batches_by_budget, tokens_of
 
-    images = random_images(shapes)
+    images = [x.to(device) for x in random_images(shapes)]  # preprocessed and on the device: the model alone
     counts = [tokens_of(w, h) for w, h in shapes]
     batches = [[images[i] for i in b] for b in batches_by_budget(counts, budget)]
 
@@ -110,7 +169,10 @@ def encode_rate(tok, shapes, budget: int, device: str, p: dict, mach: dict) -> d
         for b in batches:
             tok.encode_pixels(b)
 
-    flops = sum(count_flops(lambda b=b: tok.encode_pixels(b)) for b in batches)
+    from viq.nn.attention import attention_backend
+
+    with attention_backend("loop"):  # every backend computes the same; torch counts SDPA, not flash-attn's kernel
+        flops = sum(count_flops(lambda b=b: tok.encode_pixels(b)) for b in batches)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = timed(run, device, p["warmup"] + 1, p["repeats"])
@@ -154,21 +216,20 @@ def attention_backends(device: str, dtype: torch.dtype, cfg, p: dict) -> dict:
 
 def code_agreement(cfg, device: str, p: dict) -> dict:
     """The same random-weight model in fp32 and bf16 on the same images: fraction of identical codes."""
-    from viq.model.viq_model import ViQModel
     from viq.tokenizer import ViQTokenizer
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = ViQModel(cfg, parts=("encoder",)).eval().requires_grad_(False)
+    model = random_encoder(cfg, device, torch.float32)
     side = p["agree_side"]
     images = random_images([(side, side)] * p["agree_images"], seed=1)
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # a true fp32 reference: matmuls and the patch-embedding convolution (cuDNN allows TF32 by default)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         fp32 = ViQTokenizer(model, cfg).encode_pixels(images)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    bf16 = ViQTokenizer(model.to(torch.bfloat16), cfg).encode_pixels(images)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32
+    bf16 = ViQTokenizer(keep_tables_fp32(model, torch.bfloat16), cfg).encode_pixels(images)
     same = sum(int((a == b).sum()) for a, b in zip(fp32, bf16))
     total = sum(a.numel() for a in fp32)
     patch_same = sum(int((a == b).all(-1).sum()) for a, b in zip(fp32, bf16))
@@ -218,55 +279,54 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (runs on CPU in seconds)")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON written (default: gpu_check.json)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip the sections that would start after this many seconds (default: 480 full, none tiny)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: encode_square, encode_mixed, "
                                                 "attention, agreement, bench, offline_attention, train_engines")
     args = ap.parse_args(argv)
 
     from viq.config import preset_config
-    from viq.model.viq_model import ViQModel
     from viq.tokenizer import ViQTokenizer, default_device
 
     p = TINY if args.tiny else FULL
     device = args.device or default_device()
+    if not args.tiny and args.device is None and not device.startswith("cuda"):
+        sys.exit(f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                 "the full check on a CPU would run for hours. Use --tiny, or --device cpu to insist.")
+    budget = args.budget_s if args.budget_s is not None else (None if args.tiny else 480.0)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     t_start = time.perf_counter()
-    results: dict = {"schema": "viq-gpu-check v1", "mode": "tiny" if args.tiny else "full", "params": p}
+    deadline = None if budget is None else t_start + budget
+    out = Path(args.out)
+    results: dict = {"schema": "viq-gpu-check v1", "mode": "tiny" if args.tiny else "full", "params": p,
+                     "budget_s": budget}
     results["machine"] = mach = machine(device, dtype)
+    write_json(results, out)
     cfg = preset_config(p["arch"], "16k")
 
+    def run(name, fn):
+        if name not in skip:
+            section(results, name, fn, out, deadline)
+
     torch.manual_seed(0)
-    with torch.device(device):
-        model = ViQModel(cfg, parts=("encoder",)).to(dtype).eval().requires_grad_(False)
-    tok = ViQTokenizer(model, cfg)
+    tok = ViQTokenizer(random_encoder(cfg, device, dtype), cfg)
     sq = p["square"]
-    if "encode_square" not in skip:
-        section(results, "encode_square", lambda: encode_rate(tok, [(sq, sq)] * p["images"], p["token_budget"],
-                                                              device, p, mach))
-    if "encode_mixed" not in skip:
-        shapes = [p["mixed"][i % len(p["mixed"])] for i in range(p["images"])]
-        section(results, "encode_mixed", lambda: encode_rate(tok, shapes, p["token_budget"], device, p, mach))
-    del tok, model
+    run("encode_square", lambda: encode_rate(tok, [(sq, sq)] * p["images"], p["token_budget"], device, p, mach))
+    shapes = [p["mixed"][i % len(p["mixed"])] for i in range(p["images"])]
+    run("encode_mixed", lambda: encode_rate(tok, shapes, p["token_budget"], device, p, mach))
+    del tok
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    if "attention" not in skip:
-        section(results, "attention", lambda: attention_backends(device, dtype, cfg, p))
-    if "agreement" not in skip:
-        section(results, "agreement", lambda: code_agreement(cfg, device, p))
+    run("attention", lambda: attention_backends(device, dtype, cfg, p))
+    run("agreement", lambda: code_agreement(cfg, device, p))
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    if "bench" not in skip:
-        section(results, "bench", lambda: bench(p, device))
-    if "offline_attention" not in skip:
-        section(results, "offline_attention", lambda: offline_attention(p, device))
-    if "train_engines" not in skip:
-        section(results, "train_engines", lambda: train_engines(p, device))
+    run("bench", lambda: bench(p, device))
+    run("offline_attention", lambda: offline_attention(p, device))
+    run("train_engines", lambda: train_engines(p, device))
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    write_json(results, out)
     brief = {k: results[k].get("images_per_s") or results[k].get("fastest") or results[k].get("identical_fraction")
              for k in ("encode_square", "encode_mixed", "attention", "agreement") if isinstance(results.get(k), dict)}
     print(json.dumps({"out": str(out), "total_seconds": results["total_seconds"], **brief}))

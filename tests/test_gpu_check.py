@@ -33,3 +33,37 @@ def test_tiny_gpu_check_writes_every_section(tmp_path):
     assert data["offline_attention"]["max_abs_diff_vs_sdpa"]["varlen_sdpa"] < 1e-5
     engines = data["train_engines"]
     assert engines["plain"]["correct"] and engines["fsdp2"]["status"] == "skipped"  # CPU: said why
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_random_encoder_is_what_load_leaves():
+    """bf16 weights, the head's RoPE table float32 on the model's device (``.to(dtype)`` alone rounds it
+    to bf16, and a model built under ``torch.device("cuda")`` left it on the CPU)."""
+    import torch
+
+    from viq.config import preset_config
+
+    model = _module().random_encoder(preset_config("tiny", "16k"), "cpu", torch.bfloat16)
+    assert model.head.rope_freqs.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    assert {str(t.device) for t in list(model.parameters()) + list(model.buffers())} == {"cpu"}
+
+
+def test_spent_budget_skips_sections_and_no_cuda_refuses_full_mode(tmp_path):
+    import pytest
+    import torch
+
+    mod = _module()
+    out = tmp_path / "check.json"
+    mod.main(["--tiny", "--device", "cpu", "--out", str(out), "--budget-s", "0"])
+    data = json.loads(out.read_text())
+    assert data["encode_square"]["status"] == "skipped" and data["train_engines"]["status"] == "skipped"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            mod.main(["--out", str(tmp_path / "full.json")])
