@@ -28,3 +28,12 @@ def test_offline_attention_modes_agree():
     res = _load("offline_attention").measure(rows=2, length=64, sample=16, hidden=32, layers=1, heads=2, repeats=1)
     assert set(res["tokens_per_s"]) >= {"sdpa", "varlen_sdpa"} and res["samples_packed"] > 2
     assert res["max_abs_diff_vs_sdpa"]["varlen_sdpa"] < 1e-5
+
+
+def test_isolated_run_is_a_fresh_one_process_world(tmp_path):
+    """What DeepSpeed / FSDP2 get on a GPU: their own process, a one-process distributed world set up by
+    environment variables (here on CPU the plain back end, so gloo: MULTI_CPU), and the steps counted there."""
+    mod = _load("train_check")
+    res = mod.run_isolated("plain", mod.make_world(tmp_path))
+    assert res["status"] == "ok" and res["correct"], res
+    assert res["distributed_type"] == "MULTI_CPU" and res["optimizer_steps_counted"] == 3
