@@ -61,12 +61,19 @@ def make_world(root: Path) -> Path:
     """A random tiny tokenizer (``models/viq-tiny``) and shapes data encoded into ``data/codes``."""
     from viq.config import tiny_config
     from viq.data import make_shapes_dataset
-    from viq.demo import random_model_dir
     from viq.encode import EncodeOptions, encode_to_store
+    from viq.model.viq_model import ViQModel
     from viq.sources import collect_sources
     from viq.tokenizer import load_tokenizer
+    from viq.weights.save import save_viq
 
-    random_model_dir(root / "models" / "viq-tiny", tiny_config("16k"), seed=0)
+    cfg = tiny_config("16k")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # encoder (to make the codes) and decoder (the offline stage's embedder) only: the drawer needs
+        # diffusers, which the GPU machine's image lacks and this check never reads
+        model = ViQModel(cfg, parts=("encoder", "decoder"))
+    save_viq(model.state_dict(), cfg, root / "models" / "viq-tiny", {"random_weights": True, "seed": 0})
     make_shapes_dataset(root / "data", n_train=12, n_val=2, seed=4, min_side=32, max_side=32, resize=None)
     tok = load_tokenizer(root / "models" / "viq-tiny", parts=("encoder",), device="cpu")
     encode_to_store(collect_sources([str(root / "data")]), tok, root / "data" / "codes", {}, EncodeOptions(workers=1))
