@@ -15,13 +15,14 @@ against the block-diagonal mask; optimizer steps per accumulation on each distri
 rewritten after every section (a run killed at its time limit keeps what finished), and a section
 that would start after ``--budget-s`` is recorded as skipped. The full check refuses to run on a
 CPU unless ``--device cpu`` is given (a CPU-only torch on the GPU machine would otherwise spend the
-lease on giant-model encodes). Run it from the repository root as
-``PYTHONPATH=. python3 benchmarks/gpu_check.py`` when viq is not installed there.
+lease on giant-model encodes). viq need not be installed: the script finds it in its checkout (its
+dependencies must be there; the GPU machine's image lacks pydantic, which travels as wheels).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -30,6 +31,9 @@ import traceback
 from pathlib import Path
 
 import torch
+
+if importlib.util.find_spec("viq") is None:  # run from a checkout where viq is not installed (the GPU machine)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FULL = dict(arch="giant", square=1024, mixed=[(256, 256), (512, 512), (640, 480), (1024, 768), (768, 1024),
                                                (1024, 1024), (448, 336), (896, 896)],

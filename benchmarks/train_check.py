@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("viq") is None:  # run from a checkout where viq is not installed (the GPU machine)
+    sys.path.insert(0, str(ROOT))
 RECIPES = ROOT / "recipes"
 STEPS, ACCUM = 3, 2
 #: accelerate's distributed_type each back end must really run under
