@@ -322,13 +322,15 @@ def main(argv=None) -> dict:
     del tok
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    run("attention", lambda: attention_backends(device, dtype, cfg, p))
     run("agreement", lambda: code_agreement(cfg, device, p))
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     run("bench", lambda: bench(p, device))
     run("offline_attention", lambda: offline_attention(p, device))
     run("train_engines", lambda: train_engines(p, device))
+    # last: it compiles FlexAttention and runs every experimental kernel; a sticky CUDA error there
+    # (one that poisons the context) would otherwise fail every section after it
+    run("attention", lambda: attention_backends(device, dtype, cfg, p))
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(results, out)
     brief = {k: results[k].get("images_per_s") or results[k].get("fastest") or results[k].get("identical_fraction")
