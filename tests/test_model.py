@@ -50,3 +50,22 @@ def test_batches_by_budget_keeps_order_and_budget():
     assert [i for g in b for i in g] == list(range(6))
     for g in b:
         assert sum(counts[i] for i in g) <= 64 or len(g) == 1
+
+
+def test_head_tables_follow_the_build_device_but_not_meta(monkeypatch):
+    """A model built under ``torch.device(d)`` keeps its computed tables (RoPE, code table) on d, so a
+    CUDA build is whole on CUDA; under meta (a load) they stay real CPU tensors, equal to a CPU build's."""
+    import viq.model.head as head
+
+    with torch.device("meta"):
+        meta_model = ViQModel(tiny_config(), parts=("encoder", "decoder"))
+    cpu_model = ViQModel(tiny_config(), parts=("encoder", "decoder"))
+    for name in ("rope_freqs", "codebook"):
+        table = getattr(meta_model.head, name)
+        assert table.device.type == "cpu" and torch.equal(table, getattr(cpu_model.head, name))
+    monkeypatch.setattr(head.torch, "get_default_device", lambda: torch.device("cuda", 0))
+    assert head._home() == torch.device("cuda", 0)  # what a CUDA context gives
+    monkeypatch.undo()
+    monkeypatch.setattr(head, "_home", lambda: torch.device("meta"))  # a device this CPU build is not on
+    other = ViQModel(tiny_config(), parts=("encoder", "decoder"))
+    assert other.head.rope_freqs.is_meta and other.head.codebook.is_meta  # the tables went where _home says

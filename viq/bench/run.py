@@ -149,8 +149,10 @@ def _measure(cfg: BenchConfig, progress: Optional[ProgressFn], on_run: RunFn, re
             batches[lay.seq_len] = (rows, offline, online, report)
 
         with torch.device(device):  # two models: the online graph must not hold the embedder, nor vice versa
-            encoder = ViQModel(vcfg, parts=("encoder",)).to(dtype).eval().requires_grad_(False)
-            embedder = ViQModel(vcfg, parts=("decoder",)).to(dtype).eval().requires_grad_(False)
+            encoder = ViQModel(vcfg, parts=("encoder",))
+            embedder = ViQModel(vcfg, parts=("decoder",))
+        encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        embedder = embedder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
         if cfg.include_extraction:
             lay = layouts[0]

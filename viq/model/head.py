@@ -20,6 +20,13 @@ from viq.nn.vit import Packing
 from viq.quant.fsq import FSQ
 
 
+def _home() -> torch.device:
+    """Where the head's computed tables go: the device of a ``with torch.device(...)`` build, so a model
+    built on CUDA is whole there; the CPU under ``torch.device("meta")`` (a load assigns weights only)."""
+    dev = torch.get_default_device()
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
 class SlotAttention(nn.Module):
     """Attention where the 4 slots of each patch are the heads, with 2D RoPE on q and k."""
 
@@ -80,9 +87,9 @@ class ViQHead(nn.Module):
             self.slot_mlp = Mlp(d, d, d)
             attn_dim = min(d, cfg.fsq_attn_dim)
             self.fsq_blocks = nn.ModuleList(FSQBlock(d, cfg.fsq_attn_dim, s, 4 * d) for _ in range(cfg.fsq_blocks))
-            with torch.device("cpu"):  # not a weight: computed, also when built on the meta device
+            with torch.device("cpu"):  # not a weight: computed on the CPU (the same bits wherever it runs)
                 freqs = rope_frequencies(attn_dim, s, cfg.rope)
-            self.register_buffer("rope_freqs", freqs, persistent=False)
+            self.register_buffer("rope_freqs", freqs.to(_home()), persistent=False)
             self.project_in = nn.Linear(d, self.fsq.dim)
         if decode:
             self.project_out = nn.Linear(self.fsq.dim, d)
@@ -92,7 +99,7 @@ class ViQHead(nn.Module):
             self.post_shift = nn.Parameter(torch.zeros(d))
             # The code table used by decode. Normally equal to fsq.codebook(); reference files may hold a
             # bf16-rounded copy, which is kept as published so features match the reference.
-            self.register_buffer("codebook", self.fsq.codebook(), persistent=True)
+            self.register_buffer("codebook", self.fsq.codebook().to(_home()), persistent=True)
 
     # ---- encode -------------------------------------------------------------------------------
     def angles(self, packing: Packing) -> torch.Tensor:

@@ -78,6 +78,10 @@ def _torch_varlen():
         from torch.nn.attention.varlen import varlen_attn
     except Exception:  # pragma: no cover - older torch
         return None
+    import inspect
+
+    if "scale" not in inspect.signature(varlen_attn).parameters:  # pragma: no cover - its first release had none
+        return None
     return varlen_attn
 
 
