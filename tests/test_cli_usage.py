@@ -94,6 +94,36 @@ def test_encode_defaults_to_codes_here_and_resumes(tmp_path):
     assert p.stderr.count("downscaled") == 1 and "1 image(s) above 1048576 pixels" in p.stderr
     p = run("encode", "imgs", "--json", cwd=tmp_path)
     assert p.returncode == 0 and json.loads(p.stdout)["skipped"] == 2
+    p = run("reconstruct", cwd=tmp_path)  # the design card's bare command: ./codes -> ./recon
+    assert p.returncode == 0, p.stderr
+    assert f"images -> {tmp_path / 'recon'}" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "recon").iterdir()) == ["a.png", "big.png"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    one_line_error(run("reconstruct", cwd=elsewhere), "no code store at codes", "viqctl encode")
+
+
+def test_a_store_made_with_a_relative_model_path_reads_from_anywhere(tmp_path, monkeypatch):
+    from viq.config import tiny_config
+    from viq.demo import random_model_dir
+
+    random_model_dir(tmp_path / "m", tiny_config("16k"), seed=0)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "imgs" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    p = run("encode", "imgs", "--model", "m", "--out", "codes")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "codes" / "manifest.json").read_text())["model"]["source"] == str(tmp_path / "m")
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    p = run("reconstruct", tmp_path / "codes", "--out", "r", "--decoder", "vae")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "other" / "r" / "a.png").is_file()
+    manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
+    manifest["model"]["source"] = "m"  # as stores made before sources were recorded absolute
+    (tmp_path / "codes" / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(run("reconstruct", tmp_path / "codes", "--out", "r2"), "'m'", "as its manifest records it",
+                   "--model")
 
 
 def test_usage_problems_are_one_line_before_the_model_loads(tmp_path):

@@ -6,6 +6,7 @@ position 4 * (r * w + c) + j of the reference's flat index list.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -195,8 +196,8 @@ def resolve_source(source, models_dir=None) -> Path:
     if source is None or source == "demo":
         return DEMO_MODEL
     p = Path(source).expanduser()
-    if p.exists():
-        return p
+    if p.exists():  # absolute (symlinks kept): a store records it, and is read from other directories
+        return Path(os.path.abspath(p))
     try:
         from viq.hub import resolve_model
     except ImportError:  # pragma: no cover

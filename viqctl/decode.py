@@ -22,11 +22,19 @@ def _locate(store_dir: Path, model: Optional[str], models_dir):
     from viq.store import CodeStore
     from viq.tokenizer import resolve_source
 
+    from viq.errors import HubError, WeightsError
+
     store = CodeStore(store_dir)
     source = model or store_model_source(store)
     if source is None:
         raise StoreError(f"{store_dir}: the manifest names no model; pass --model")
-    return store, resolve_source(source, models_dir_of(models_dir))
+    try:
+        return store, resolve_source(source, models_dir_of(models_dir))
+    except (WeightsError, HubError) as e:
+        if model:
+            raise
+        raise type(e)(f"{e} (the model {store_dir} was encoded with, as its manifest records it); "
+                           "pass that model with --model") from None
 
 
 def _load(path, device, dtype, parts):
@@ -45,8 +53,10 @@ def _bar(label: str, total: int, quiet: bool):
 
 
 def reconstruct(
-    store_dir: Path = typer.Argument(..., help="A code store made by `viqctl encode`."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the PNGs (named after the ids)."),
+    store_dir: Path = typer.Argument(Path("codes"), help="A code store made by `viqctl encode` (default: ./codes, "
+                                     "where `viqctl encode` writes by default)."),
+    out_dir: Path = typer.Option(Path("recon"), "--out", "-o", help="Folder for the PNGs (named after the ids); "
+                                 "rerun the same command to resume."),
     ids: Optional[str] = IdsOpt,
     keep_padding: bool = typer.Option(False, "--keep-padding",
                                       help="Keep the patch padding (the reference's 16h x 16w output)."),
@@ -64,7 +74,7 @@ def reconstruct(
 ):
     """Draw codes back into images (drawer + Qwen-Image VAE, or the pixel decoder: --decoder).
 
-    Example: viqctl reconstruct codes/ --out recon/
+    Example: viqctl reconstruct codes/ --out recon/   (also what a bare `viqctl reconstruct` does)
 
     The model defaults to the one recorded in the store; a model with other FSQ levels or another
     decoder fingerprint is refused. The decoder defaults to the one that works for the model (the
@@ -75,7 +85,14 @@ def reconstruct(
 
     with cli_errors(debug):
         check_out_dir(out_dir)
+        if not Path(store_dir).exists():
+            from viq.errors import ConfigError
+
+            raise ConfigError(f"no code store at {store_dir} ({Path(store_dir).resolve()}); make one with "
+                              f"`viqctl encode IMAGES --out {store_dir}`, or give its path: viqctl reconstruct STORE_DIR")
         store, path = _locate(store_dir, model, models_dir)
+        err.print(f"images -> {Path(out_dir).resolve()} (from {store_dir}; rerun the same command to resume)",
+                  highlight=False, markup=False)
         decoder = choose_decoder(path, decoder)
         parts = ("decoder", "pixel_decoder") if decoder == "pixel" else ("decoder", "drawer")
         tok = _load(path, device, dtype, parts)
