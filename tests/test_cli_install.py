@@ -74,6 +74,8 @@ def test_design_card_commands_work_verbatim_from_another_directory(wheel_install
         p = run("train", "--recipe", "fsq16k.yaml")
         assert p.returncode == 2 and "viqctl download" in p.stderr and "recipe not found" not in p.stderr, \
             (label, p.stderr)
+        p = run("train", "--recipe", "fsq16k.yaml", "--stage", "2-1", "--print-config")  # [--stage 2-1]
+        assert p.returncode == 0 and "stage: 2-1" in p.stdout and "passthrough" in p.stdout, (label, p.stderr)
         p = run("recipes")
         assert p.returncode == 0 and len(p.stdout.splitlines()) >= 10, (label, p.stderr)
 

@@ -63,6 +63,25 @@ def test_stages_follow_the_paper():
     assert s22.init_path == Path("runs/viq-stages/2-1") and s22.out_dir == Path("runs/viq-stages/2-2")
 
 
+def test_the_design_card_stage_command_runs_the_papers_stages():
+    """`viqctl train --recipe fsq16k.yaml [--stage 2-1]`: without --stage the released single-stage
+    recipe, with one the paper's stages (the same as viq-stages.yaml's, in runs/fsq16k/<stage>);
+    the other sizes inherit them with their own levels."""
+    assert list_stages(RECIPES / "fsq16k.yaml") == list_stages(RECIPES / "viq-stages.yaml") == ["1", "2-1", "2-2"]
+    assert load_recipe(RECIPES / "fsq16k.yaml").quantizer.type == "fsq"  # the base run is unchanged
+    for stage in ("1", "2-1", "2-2"):
+        ours = load_recipe(RECIPES / "fsq16k.yaml", stage).model_dump()
+        paper = load_recipe(RECIPES / "viq-stages.yaml", stage).model_dump()
+        assert ours["run"] == {**paper["run"], "name": "fsq16k", "output_dir": "runs/fsq16k"}
+        assert (ours["model"]["name"], paper["model"]["name"]) == ("fsq16k", "viq-stages")  # from run.name
+        paper["model"]["name"] = "fsq16k"
+        assert {k: v for k, v in ours.items() if k != "run"} == {k: v for k, v in paper.items() if k != "run"}
+    s22 = load_recipe(RECIPES / "fsq16k.yaml", "2-2")
+    assert s22.init_path == Path("runs/fsq16k/2-1") and s22.out_dir == Path("runs/fsq16k/2-2")
+    small = load_recipe(RECIPES / "fsq2k.yaml", "2-2")
+    assert small.model.head.levels == [8, 8, 4, 3, 3] and small.init_path == Path("runs/fsq2k/2-1")
+
+
 def test_tiny_recipe_is_tiny():
     r = load_recipe(RECIPES / "tiny.yaml")
     cfg = r.model

@@ -73,13 +73,13 @@ def _read(path: Path) -> tuple[str, dict]:
 
 def list_recipes() -> list[RecipeEntry]:
     """Every shipped recipe with a one-line summary, its stages and the recipe it extends."""
+    from viq.train.recipe.files import list_stages
+
     out = []
     for name in shipped_names():
         path = shipped_dir() / name
         text, data = _read(path)
-        stages = data.get("stages")
-        out.append(RecipeEntry(name, path, _summary(text), [str(s) for s in stages] if isinstance(stages, dict)
-                               else [], data.get("extends")))
+        out.append(RecipeEntry(name, path, _summary(text), list_stages(path), data.get("extends")))  # inherited too
     return out
 
 
