@@ -86,3 +86,14 @@ def test_forced_backend_gives_the_same_codes():
         with attention.attention_backend("nested"):
             nested, _ = model.encode(ims)
     assert torch.equal(ref, nested)
+
+
+def test_cumulative_lengths_are_built_once_and_serve_training_too():
+    """Every layer asks for them; built again, each layer on a GPU would wait for a host-to-device copy."""
+    seg = Segments((3, 4, 2))
+    with torch.inference_mode():
+        first = seg.cu_seqlens("cpu")
+    assert first.tolist() == [0, 3, 7, 9] and first.dtype == torch.int32
+    assert Segments((3, 4, 2)).cu_seqlens(torch.device("cpu")) is first and not first.is_inference()
+    starts, groups = attention._equal_length_groups((3, 3, 2), torch.device("cpu"))
+    assert starts == [0, 3, 6] and [g[2].tolist() for g in groups] == [[0, 1, 2, 3, 4, 5], [6, 7]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +50,18 @@ class Segments:
         return max(self.lengths)
 
     def cu_seqlens(self, device) -> torch.Tensor:
-        cu = [0]
-        for n in self.lengths:
-            cu.append(cu[-1] + n)
-        return torch.tensor(cu, dtype=torch.int32, device=device)
+        """int32 cumulative lengths on ``device``; cached, since every layer asks for the same ones
+        (building them again is a host-to-device copy that waits for the GPU, once per layer)."""
+        return _cu_seqlens_on(self.lengths, torch.device(device))
 
     def scaled(self, factor: int) -> "Segments":
         return Segments(tuple(n * factor for n in self.lengths))
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens_on(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # cached: must stay usable by a later training forward
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(device)
 
 
 @contextlib.contextmanager
@@ -153,7 +159,7 @@ def _loop(q, k, v, segments: Segments, scale):
     lengths = segments.lengths
     if len(lengths) == 1:
         return _sdpa(q, k, v, scale)
-    starts, groups = _equal_length_groups(lengths)
+    starts, groups = _equal_length_groups(lengths, q.device)
     if len(groups) == len(lengths):  # all lengths differ: one call each, no gathering
         return torch.cat([_sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale) for s, n in zip(starts, lengths)])
     out = q.new_empty(q.shape[:-1] + v.shape[-1:])
@@ -162,7 +168,6 @@ def _loop(q, k, v, segments: Segments, scale):
             s = starts[members[0]]
             out[s:s + n] = _sdpa(q[s:s + n], k[s:s + n], v[s:s + n], scale)
             continue
-        rows = rows.to(q.device)
         b = len(members)
         qg, kg, vg = (x.index_select(0, rows).view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)  # (B, H, n, D)
@@ -171,9 +176,9 @@ def _loop(q, k, v, segments: Segments, scale):
 
 
 @functools.lru_cache(maxsize=64)
-def _equal_length_groups(lengths: tuple[int, ...]):
-    """Start of each segment, and per distinct length: (length, member segments, their token rows).
-    Cached: every layer of a batch asks for the same packing."""
+def _equal_length_groups(lengths: tuple[int, ...], device: torch.device):
+    """Start of each segment, and per distinct length: (length, member segments, their token rows on
+    ``device``). Cached: every layer of a batch asks for the same packing."""
     starts, members = [], {}
     at = 0
     for i, n in enumerate(lengths):
@@ -181,7 +186,7 @@ def _equal_length_groups(lengths: tuple[int, ...]):
         members.setdefault(n, []).append(i)
         at += n
     with torch.inference_mode(False):  # cached: must stay usable by a later training forward
-        groups = [(n, idx, torch.cat([torch.arange(starts[i], starts[i] + n) for i in idx]))
+        groups = [(n, idx, torch.cat([torch.arange(starts[i], starts[i] + n) for i in idx]).to(device))
                   for n, idx in members.items()]
     return starts, groups
 
