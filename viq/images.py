@@ -16,13 +16,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from viq.errors import ConfigError, ImageError
+
+if TYPE_CHECKING:
+    import torch
 
 #: Default decoded-pixel limit: the same number PIL refuses outright (2 x its warning limit).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -170,6 +172,8 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
     x = np.asarray(img).transpose(2, 0, 1).astype(np.float32, order="C")
     x /= np.float32(127.5)
     x -= np.float32(1.0)
+    import torch  # here: the rest of this module (policies, decoding) serves the CLI's checks without torch
+
     return torch.from_numpy(x)
 
 

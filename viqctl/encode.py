@@ -48,14 +48,11 @@ def encode(
     Exit 0 when every image was encoded, 1 when some failed (listed), 2 for usage errors.
     Under `accelerate launch` / `torchrun` every rank encodes its share into its own shards.
     """
-    from viq.encode import EncodeOptions, encode_to_store
     from viq.images import Native, parse_policy
     from viq.sources import InputOptions, collect_sources, parse_shard
-    from viq.tokenizer import load_tokenizer, resolve_source
-    from viq.weights.formats import model_fingerprints
 
     with cli_errors(debug):
-        policy = parse_policy(resize)  # usage problems first: before any model is loaded
+        policy = parse_policy(resize)  # usage problems first: before torch is even imported
         check_out_dir(out_dir, store=True)
         if token_budget is not None and token_budget < 1 or workers is not None and workers < 0 or rows_per_shard < 1:
             from viq.errors import ConfigError
@@ -64,6 +61,10 @@ def encode(
         rank, world, barrier, dist_device = distributed()
         job, jobs = parse_shard(shard) if shard else (0, 1)  # job I of N = global rank I * world + rank
         sources = collect_sources(inputs, options=InputOptions(image_column, id_column, image_root))
+        from viq.encode import EncodeOptions, encode_to_store
+        from viq.tokenizer import load_tokenizer, resolve_source
+        from viq.weights.formats import model_fingerprints
+
         src_path = resolve_source(model, models_dir_of(models_dir))
         if rank == 0:
             err.print(f"codes -> {Path(out_dir).resolve()} ({len(sources)} image(s); rerun the same command to resume)",
