@@ -81,15 +81,15 @@ def reconstruct(
     pixel decoder for the demo model, whose drawer learned a random VAE) and is named on stderr.
     Existing PNGs are skipped, so an interrupted run resumes.
     """
-    from viq.decode import reconstruct_store, select_ids
-
     with cli_errors(debug):
-        check_out_dir(out_dir)
+        check_out_dir(out_dir)  # usage problems first: before torch is even imported
         if not Path(store_dir).exists():
             from viq.errors import ConfigError
 
             raise ConfigError(f"no code store at {store_dir} ({Path(store_dir).resolve()}); make one with "
                               f"`viqctl encode IMAGES --out {store_dir}`, or give its path: viqctl reconstruct STORE_DIR")
+        from viq.decode import reconstruct_store, select_ids
+
         store, path = _locate(store_dir, model, models_dir)
         err.print(f"images -> {Path(out_dir).resolve()} (from {store_dir}; rerun the same command to resume)",
                   highlight=False, markup=False)
