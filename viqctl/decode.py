@@ -18,11 +18,9 @@ IdsOpt = typer.Option(None, "--ids", help="Comma-separated ids (as stored: the f
 
 def _locate(store_dir: Path, model: Optional[str], models_dir):
     from viq.decode import store_model_source
-    from viq.errors import StoreError
+    from viq.errors import HubError, StoreError, WeightsError
     from viq.store import CodeStore
     from viq.tokenizer import resolve_source
-
-    from viq.errors import HubError, WeightsError
 
     store = CodeStore(store_dir)
     source = model or store_model_source(store)
