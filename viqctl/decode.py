@@ -32,7 +32,7 @@ def _locate(store_dir: Path, model: Optional[str], models_dir):
         if model:
             raise
         raise type(e)(f"{e} (the model {store_dir} was encoded with, as its manifest records it); "
-                           "pass that model with --model") from None
+                      "pass that model with --model") from None
 
 
 def _load(path, device, dtype, parts):
