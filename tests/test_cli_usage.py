@@ -216,14 +216,15 @@ def test_eval_reports_progress_and_picks_the_working_decoder(tmp_path):
     assert "pixel decoder, 1 images" in p.stdout
 
 
-def test_encode_and_reconstruct_usage_errors_come_before_torch_is_imported(tmp_path):
+def test_usage_errors_come_before_torch_is_imported(tmp_path):
     """A mistyped input or --out is said at once (~0.3 s), not after the 2 s torch import."""
     code = ("import sys\nfrom viqctl.__main__ import app\n"
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
     (tmp_path / "file").write_text("x")
     for args in (["encode", str(tmp_path / "nonexist")], ["encode", str(tmp_path), "--out", str(tmp_path / "file")],
                  ["encode", str(tmp_path), "--resize", "huge"], ["reconstruct", str(tmp_path / "nostore")],
-                 ["reconstruct", str(tmp_path), "--out", str(tmp_path / "file")]):
+                 ["reconstruct", str(tmp_path), "--out", str(tmp_path / "file")],
+                 ["embed", str(tmp_path), "--out", str(tmp_path / "file")]):
         p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert p.stdout.split() == ["2", "False"], (args, p.stdout, p.stderr)
         assert p.stderr.startswith("error: "), p.stderr

@@ -131,14 +131,14 @@ def embed(
 
     Streams: memory holds one shard; a folder --out gets features-NNNNNN.safetensors + index.json.
     """
-    from viq.decode import select_ids
-    from viq.embed import embed_store
-
     with cli_errors(debug):
-        if Path(out_file).suffix == ".safetensors":
+        if Path(out_file).suffix == ".safetensors":  # usage problems first: before torch is even imported
             check_out_file(out_file, ".safetensors")
         else:  # a folder of shards: not an existing file
             check_out_dir(out_file)
+        from viq.decode import select_ids
+        from viq.embed import embed_store
+
         store, path = _locate(store_dir, model, models_dir)
         tok = _load(path, device, dtype, ("decoder",))
         chosen = [i for i in ids.split(",") if i] if ids else None
