@@ -102,7 +102,8 @@ class ViQTokenizer:
         # pinned tensors (the encode pipeline pins on CUDA) copy asynchronously; cast on the device
         images = [p.to(self.device, non_blocking=True).to(self.dtype) for p in pixels]
         indices, packing = self.model.encode(images)
-        return [idx.reshape(h, w, self.config.head.slots).cpu()
+        indices = indices.cpu()  # one copy for the batch, not one (and one wait for the GPU) per image
+        return [idx.reshape(h, w, self.config.head.slots)
                 for idx, (h, w) in zip(packing.split(indices, self.config.head.slots), packing.grids)]
 
     def encode(self, images: Iterable, policy="native") -> list[torch.Tensor]:
@@ -139,7 +140,7 @@ class ViQTokenizer:
         if not codes:
             return []
         flat, packing = self._pack_codes(codes)
-        return [f.cpu() for f in packing.split(self.model.embed(flat))]
+        return list(packing.split(self.model.embed(flat).cpu()))  # one copy for the batch
 
     @torch.inference_mode()
     def latents(self, codes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
