@@ -1,5 +1,6 @@
-"""One prepared GPU check: encode throughput and MFU, attention backends, bf16 vs fp32 codes, the bench,
-the offline MLLM stage's attention modes and the training engine on DeepSpeed / FSDP2.
+"""One prepared GPU check: encode throughput and MFU, the whole encode pipeline against the model
+alone, attention backends, bf16 vs fp32 codes, the bench, the offline MLLM stage's attention modes
+and the training engine on DeepSpeed / FSDP2.
 
     python benchmarks/gpu_check.py --out gpu_check.json      # one H100/H200: about 5-8 minutes
     python benchmarks/gpu_check.py --tiny --out tiny.json    # CPU, seconds: what the tests run
@@ -37,10 +38,11 @@ if importlib.util.find_spec("viq") is None:  # run from a checkout where viq is 
 
 FULL = dict(arch="giant", square=1024, mixed=[(256, 256), (512, 512), (640, 480), (1024, 768), (768, 1024),
                                                (1024, 1024), (448, 336), (896, 896)],
-            images=32, token_budget=65536, agree_images=8, agree_side=512, attn_lens=[1024, 4096, 1200, 256, 3072],
+            images=32, token_budget=65536, pipeline_images=64, pipeline_min_side=512, agree_images=8, agree_side=512, attn_lens=[1024, 4096, 1200, 256, 3072],
             seq="4k,16k", llm="0.5b,1.5b", encoder="giant", image_size=(896, 896), warmup=1, repeats=3,
             offline_attention=dict(rows=4, length=4096, sample=512, hidden=896, layers=4, heads=14, repeats=5))
 TINY = dict(arch="tiny", square=64, mixed=[(32, 32), (48, 32), (64, 48)], images=4, token_budget=256,
+            pipeline_images=6, pipeline_min_side=32,
             agree_images=2, agree_side=64, attn_lens=[16, 40, 4], seq="256", llm="tiny", encoder="tiny",
             image_size=(64, 64), warmup=0, repeats=1, skip_backends=["flex"],
             offline_attention=dict(rows=2, length=64, sample=16, hidden=32, layers=1, heads=2, repeats=1))  # flex: a compile, tested elsewhere
@@ -192,6 +194,50 @@ def encode_rate(tok, shapes, budget: int, device: str, p: dict, mach: dict) -> d
     return out
 
 
+def encode_pipeline(tok, device: str, p: dict) -> dict:
+    """The whole ``encode`` (read, decode in the worker threads, pin, model, Parquet store) against the
+    model alone on the same decoded images in the same batches: below 1, the GPU waits on the host."""
+    import shutil
+    import tempfile
+
+    from viq.encode import EncodeOptions, encode_to_store, resolve_workers
+    from viq.images import Preprocessor, parse_policy
+    from viq.packing import batches_by_budget, tokens_of
+    from viq.sources import collect_sources
+
+    work = Path(tempfile.mkdtemp(prefix="viq-gpu-pipeline-"))
+    try:  # JPEGs of pipeline_min_side..square px, gradients plus noise (benchmarks/encode_folder.py's)
+        _sibling("encode_folder").write_folder(work / "images", p["pipeline_images"], p["pipeline_min_side"],
+                                               p["square"])
+        sources = collect_sources([str(work / "images")])
+        opts = EncodeOptions(token_budget=p["token_budget"])
+        prep = Preprocessor(parse_policy(opts.policy), opts.max_input_pixels)
+        pixels = [prep(src.path.read_bytes(), name=src.name)[0] for src in sources]
+        if device.startswith("cuda"):
+            pixels = [x.pin_memory() for x in pixels]  # as the pipeline's threads leave them
+        counts = [tokens_of(x.shape[2], x.shape[1]) for x in pixels]
+        batches = batches_by_budget(counts, opts.token_budget)
+
+        def model_only():
+            for b in batches:
+                tok.encode_pixels([pixels[i] for i in b])
+
+        stores = iter(range(1_000_000))
+
+        def pipeline():
+            summary = encode_to_store(sources, tok, work / f"store{next(stores)}", {}, opts)
+            assert summary.encoded == len(sources), summary.as_dict()
+
+        model_s = timed(model_only, device, p["warmup"] + 1, p["repeats"])
+        pipeline_s = timed(pipeline, device, p["warmup"], p["repeats"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    m, q = statistics.median(model_s), statistics.median(pipeline_s)
+    return {"images": len(sources), "tokens": sum(counts), "batches": len(batches), "workers": resolve_workers(opts, tok),
+            "model_times_s": model_s, "pipeline_times_s": pipeline_s, "model_images_per_s": len(sources) / m,
+            "pipeline_images_per_s": len(sources) / q, "pipeline_over_model": m / q}
+
+
 def attention_backends(device: str, dtype: torch.dtype, cfg, p: dict) -> dict:
     """Every available packed-attention backend on the ViT's head shape, against the exact loop."""
     from viq.nn.attention import Segments, available_backends, packed_attention
@@ -285,7 +331,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the sections that would start after this many seconds (default: 480 full, none tiny)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: encode_square, encode_mixed, "
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: encode_square, encode_mixed, encode_pipeline, "
                                                 "attention, agreement, bench, offline_attention, train_engines")
     args = ap.parse_args(argv)
 
@@ -319,6 +365,7 @@ def main(argv=None) -> dict:
     run("encode_square", lambda: encode_rate(tok, [(sq, sq)] * p["images"], p["token_budget"], device, p, mach))
     shapes = [p["mixed"][i % len(p["mixed"])] for i in range(p["images"])]
     run("encode_mixed", lambda: encode_rate(tok, shapes, p["token_budget"], device, p, mach))
+    run("encode_pipeline", lambda: encode_pipeline(tok, device, p))
     del tok
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -333,8 +380,10 @@ def main(argv=None) -> dict:
     run("attention", lambda: attention_backends(device, dtype, cfg, p))
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(results, out)
-    brief = {k: results[k].get("images_per_s") or results[k].get("fastest") or results[k].get("identical_fraction")
-             for k in ("encode_square", "encode_mixed", "attention", "agreement") if isinstance(results.get(k), dict)}
+    brief = {k: results[k].get("images_per_s") or results[k].get("pipeline_over_model") or results[k].get("fastest")
+             or results[k].get("identical_fraction")
+             for k in ("encode_square", "encode_mixed", "encode_pipeline", "attention", "agreement")
+             if isinstance(results.get(k), dict)}
     print(json.dumps({"out": str(out), "total_seconds": results["total_seconds"], **brief}))
     return results
 

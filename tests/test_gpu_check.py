@@ -16,13 +16,15 @@ def test_tiny_gpu_check_writes_every_section(tmp_path):
     mod.main(["--tiny", "--device", "cpu", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["schema"] == "viq-gpu-check v1" and data["mode"] == "tiny"
-    for name in ("encode_square", "encode_mixed", "attention", "agreement", "bench", "offline_attention",
-                 "train_engines"):
+    for name in ("encode_square", "encode_mixed", "encode_pipeline", "attention", "agreement", "bench",
+                 "offline_attention", "train_engines"):
         assert data[name].get("status") != "failed", data[name]
     for name in ("encode_square", "encode_mixed"):
         enc = data[name]
         assert enc["images_per_s"] > 0 and enc["model_flops"] > 0 and 0 < enc["fraction_of_measured_matmul"]
     assert data["encode_mixed"]["tokens"] < data["encode_square"]["tokens"]
+    pipe = data["encode_pipeline"]
+    assert pipe["images"] == 6 and pipe["workers"] == 0 and pipe["pipeline_over_model"] > 0  # CPU: no threads
     att = data["attention"]["backends"]
     assert att["loop"]["max_abs_diff_vs_loop"] == 0 and "nested" in att
     assert all(b["max_abs_diff_vs_loop"] < 1e-4 for b in att.values())
