@@ -228,3 +228,17 @@ def test_usage_errors_come_before_torch_is_imported(tmp_path):
         p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert p.stdout.split() == ["2", "False"], (args, p.stdout, p.stderr)
         assert p.stderr.startswith("error: "), p.stderr
+
+
+def test_a_model_found_by_name_in_a_relative_models_dir_is_recorded_absolute(tmp_path, monkeypatch):
+    """`--models-dir models` (relative): the store must not record a path that only works from here."""
+    from viq import hub
+    from viq.config import tiny_config
+    from viq.demo import random_model_dir
+    from viq.tokenizer import resolve_source
+
+    random_model_dir(tmp_path / "mine", tiny_config("16k"), seed=0)
+    hub.import_weights(tmp_path / "mine", "my-tiny", tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    found = resolve_source("my-tiny", "models")
+    assert found.is_absolute() and found.is_dir() and str(found).startswith(str(tmp_path / "models"))

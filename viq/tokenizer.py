@@ -203,8 +203,8 @@ def resolve_source(source, models_dir=None) -> Path:
         from viq.hub import resolve_model
     except ImportError:  # pragma: no cover
         resolve_model = None
-    if resolve_model is not None:
-        return Path(resolve_model(str(source), models_dir))
+    if resolve_model is not None:  # absolute too, even under a relative models directory
+        return Path(os.path.abspath(resolve_model(str(source), models_dir)))
     from viq.errors import WeightsError
 
     raise WeightsError(f"{source}: no such weights directory or known model name")
