@@ -51,8 +51,8 @@ def _bar(label: str, total: int, quiet: bool):
 
 
 def reconstruct(
-    store_dir: Path = typer.Argument(Path("codes"), help="A code store made by `viqctl encode` (default: ./codes, "
-                                     "where `viqctl encode` writes by default)."),
+    store_dir: Path = typer.Argument(Path("codes"), help="A code store made by `viqctl encode` (the default is "
+                                     "where it writes by default)."),
     out_dir: Path = typer.Option(Path("recon"), "--out", "-o", help="Folder for the PNGs (named after the ids); "
                                  "rerun the same command to resume."),
     ids: Optional[str] = IdsOpt,
