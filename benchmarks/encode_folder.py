@@ -38,6 +38,18 @@ def write_folder(root: Path, n: int, lo: int, hi: int) -> None:
         Image.fromarray(img).save(root / f"img{i:05d}.jpg", quality=90)
 
 
+def decoded_batches(sources, tok, opts, budget: int):
+    """The pure model's input: every source decoded as the pipeline decodes it, in the batches it forms
+    -> (pixels, token counts, batches as index lists)."""
+    from viq.images import Preprocessor, parse_policy
+    from viq.packing import batches_by_budget, tokens_of
+
+    prep = Preprocessor(parse_policy(opts.policy), opts.max_input_pixels)
+    pixels = [prep(s.path.read_bytes(), name=s.name)[0] for s in sources]
+    counts = [tokens_of(p.shape[2], p.shape[1], tok.patch) for p in pixels]
+    return pixels, counts, batches_by_budget(counts, budget)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
@@ -55,9 +67,7 @@ def main(argv=None):
 
     from viq.config import preset_config, tiny_config
     from viq.encode import EncodeOptions, encode_to_store, resolve_token_budget
-    from viq.images import Preprocessor, parse_policy
     from viq.model.viq_model import ViQModel
-    from viq.packing import batches_by_budget, patch_grid
     from viq.sources import collect_sources
     from viq.tokenizer import ViQTokenizer
 
@@ -73,11 +83,7 @@ def main(argv=None):
     write_folder(folder, args.images, args.min_side, args.max_side)
     sources = collect_sources([str(folder)])
 
-    # the pure model rate: decoded pixels, the same batches the pipeline forms
-    prep = Preprocessor(parse_policy(opts.policy), opts.max_input_pixels)
-    pixels = [prep(s.path.read_bytes(), name=s.name)[0] for s in sources]
-    counts = [int(np.prod(patch_grid(p.shape[2], p.shape[1], tok.patch))) for p in pixels]
-    batches = batches_by_budget(counts, budget)
+    pixels, counts, batches = decoded_batches(sources, tok, opts, budget)  # the pure model rate's input
 
     def model_only():
         for b in batches:

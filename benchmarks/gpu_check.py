@@ -134,13 +134,11 @@ def keep_tables_fp32(model, dtype: torch.dtype):
 
 def random_encoder(cfg, device: str, dtype: torch.dtype):
     """A random-weight encoder as ``load_tokenizer(parts=("encoder",))`` would leave it: weights in
-    ``dtype`` on ``device``. Built under the device context (fast init on the GPU), then moved: the
-    head computes its RoPE table on the CPU on purpose, which the device context does not move."""
+    ``dtype`` on ``device``, built under the device context (fast init on the GPU)."""
     from viq.model.viq_model import ViQModel
 
     with torch.device(device):
         model = ViQModel(cfg, parts=("encoder",))
-    model.to(device)
     return keep_tables_fp32(model, dtype).eval().requires_grad_(False)
 
 
@@ -201,22 +199,17 @@ def encode_pipeline(tok, device: str, p: dict) -> dict:
     import tempfile
 
     from viq.encode import EncodeOptions, encode_to_store, resolve_workers
-    from viq.images import Preprocessor, parse_policy
-    from viq.packing import batches_by_budget, tokens_of
     from viq.sources import collect_sources
 
+    folder = _sibling("encode_folder")
     work = Path(tempfile.mkdtemp(prefix="viq-gpu-pipeline-"))
-    try:  # JPEGs of pipeline_min_side..square px, gradients plus noise (benchmarks/encode_folder.py's)
-        _sibling("encode_folder").write_folder(work / "images", p["pipeline_images"], p["pipeline_min_side"],
-                                               p["square"])
+    try:  # JPEGs of pipeline_min_side..square px, gradients plus noise
+        folder.write_folder(work / "images", p["pipeline_images"], p["pipeline_min_side"], p["square"])
         sources = collect_sources([str(work / "images")])
         opts = EncodeOptions(token_budget=p["token_budget"])
-        prep = Preprocessor(parse_policy(opts.policy), opts.max_input_pixels)
-        pixels = [prep(src.path.read_bytes(), name=src.name)[0] for src in sources]
+        pixels, counts, batches = folder.decoded_batches(sources, tok, opts, opts.token_budget)
         if device.startswith("cuda"):
             pixels = [x.pin_memory() for x in pixels]  # as the pipeline's threads leave them
-        counts = [tokens_of(x.shape[2], x.shape[1]) for x in pixels]
-        batches = batches_by_budget(counts, opts.token_budget)
 
         def model_only():
             for b in batches:
